@@ -1,0 +1,19 @@
+"""OmegaConf resolvers used by the configs in ``conf/``; import before composing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from tumorseg.module import out_channels
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+for _name, _fn in {
+    "out_channels": out_channels,  # ${out_channels:regions} -> 3
+    "cwd": os.getcwd,
+}.items():
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)

@@ -1,0 +1,145 @@
+"""LightningModule: a U-Net variant trained on BraTS slices, scored per region."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from tumorseg.labels import regions_from_labels
+from tumorseg.losses import LabelLoss, RegionLoss
+from tumorseg.metrics import RegionMetrics
+
+TARGETS = {"regions": 3, "labels": 4}
+
+
+def out_channels(target: str) -> int:
+    """Net output channels for a target mode: 3 sigmoid regions or 4 softmax labels."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    return TARGETS[target]
+
+
+class SegModule(L.LightningModule):
+    """Segmentation module.
+
+    Args:
+        net: the network (injected by Hydra), logits ``(N, C, H, W)``.
+        optimizer: partial taking the parameters.
+        scheduler: optional partial taking the optimizer (stepped once per epoch).
+        target: ``regions`` (WT/TC/ET sigmoid channels, BCE + Dice) or ``labels``
+            (softmax over background/NCR/ED/ET, CE + Dice).
+        dice_weight, ce_weight: loss weights.
+        channels_last: run convolutions in channels-last memory format (faster on CPU and GPU).
+        name: variant name, used as an MLflow tag.
+    Batches are ``(image (N, 4, H, W) float, labels (N, H, W) uint8 canonical)``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        target: str = "regions",
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        channels_last: bool = True,
+        name: str = "unet",
+    ) -> None:
+        super().__init__()
+        out_channels(target)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.net = net
+        self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        loss_cls = RegionLoss if target == "regions" else LabelLoss
+        self.loss = loss_cls(dice_weight=dice_weight, ce_weight=ce_weight)
+        self.val_metrics, self.test_metrics = RegionMetrics(), RegionMetrics()
+        self.config: dict | None = None  # resolved run config, stored in checkpoints
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def predict_regions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> boolean regions ``(N, 3, H, W)``."""
+        if self.hparams.target == "regions":
+            return logits > 0
+        return regions_from_labels(logits.argmax(1))
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.hparams.target == "regions":
+            return self.loss(logits, regions_from_labels(labels))
+        return self.loss(logits, labels)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        image, labels = batch
+        loss = self._loss(self(image), labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {self.global_step}")
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        image, labels = batch
+        logits = self(image)
+        self.log(f"{stage}/loss", self._loss(logits, labels), on_epoch=True, sync_dist=True)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(self.predict_regions(logits), regions_from_labels(labels))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        values = metrics.compute()  # torchmetrics syncs the counts across ranks
+        metrics.reset()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()})
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_fn(self.parameters())
+        if self.scheduler_fn is None:
+            return optimizer
+        scheduler = self.scheduler_fn(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tumorseg_config"] = self.config
+        for logger in self.loggers:
+            run_id = getattr(logger, "run_id", None)
+            if run_id:
+                checkpoint["mlflow_run_id"] = run_id
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.config = checkpoint.get("tumorseg_config", self.config)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SegModule:
+    """Rebuild the module and net from a checkpoint file alone (its stored config), weights loaded."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    config = ckpt.get("tumorseg_config")
+    if not config:
+        raise ValueError(f"{path}: checkpoint holds no tumorseg config")
+    module: SegModule = instantiate(OmegaConf.create(config["model"]))
+    module.load_state_dict(ckpt["state_dict"])
+    module.config = config
+    return module.eval()

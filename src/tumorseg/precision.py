@@ -1,0 +1,26 @@
+"""Pick a fast training precision for the hardware at hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(accelerator: str) -> str:
+    """``bf16-mixed`` where the device runs bf16 natively, else ``16-mixed`` on GPUs, else fp32."""
+    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if use_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator in ("cpu", "auto"):
+        return "bf16-mixed" if cpu_has_bf16() else "32-true"
+    return "32-true"

@@ -1,0 +1,114 @@
+"""Training entry point: ``python train.py [overrides]`` (Hydra)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tumorseg.config import CONF_DIR
+from tumorseg.data.nifti import DataError
+from tumorseg.labels import LabelError
+from tumorseg.precision import auto_precision
+from tumorseg.tracking import git_commit
+
+log = logging.getLogger(__name__)
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
+    """For ``ckpt_path=...``: the run config stored in that checkpoint, and its MLflow run id."""
+    path = cfg.ckpt_path
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    stored = ckpt.get("tumorseg_config")
+    if not stored:
+        raise DataError(f"{path}: checkpoint holds no tumorseg config")
+    stored = OmegaConf.create(stored)
+    stored.ckpt_path = path
+    return stored, ckpt.get("mlflow_run_id")
+
+
+def _sweep_tags() -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    if hc.mode is None or hc.mode.name != "MULTIRUN":
+        return {}
+    return {"sweep": hc.sweep.dir, "sweep_job": str(hc.job.num)}
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train (and test) as ``cfg`` says; returns the best ``val/dice_mean``."""
+    import lightning as L
+
+    from tumorseg.tracking import make_mlflow_logger
+
+    run_id = None
+    if cfg.get("ckpt_path"):
+        cfg, run_id = resume_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.get("precision") == "auto":
+        with open_dict(cfg):
+            cfg.trainer.precision = auto_precision(cfg.trainer.get("accelerator", "auto"))
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    if _is_rank_zero():
+        datamodule.prepare_data()
+    model = hydra.utils.instantiate(cfg.model)
+    model.config = config
+    callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c]
+
+    logger = None
+    if cfg.get("logger") and cfg.logger.get("mlflow"):
+        tags = {
+            "variant": cfg.model.name,
+            "data_source": cfg.data.source,
+            "seed": cfg.seed,
+            "git_commit": git_commit(),
+            "data_manifest": datamodule.manifest()["hash"],
+            "precision": cfg.trainer.precision,
+            **_sweep_tags(),
+            **(cfg.get("tags") or {}),
+        }
+        logger = hydra.utils.instantiate(cfg.logger.mlflow, run_id=run_id, tags=tags)
+
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
+    log.info("precision %s, variant %s", cfg.trainer.precision, cfg.model.name)
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if cfg.get("test") and not trainer.fast_dev_run:
+        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None)
+    if best is None:
+        best = trainer.callback_metrics.get("val/dice_mean")
+    return float(best) if best is not None else None
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> Any:
+    try:
+        return run(cfg)
+    except (DataError, LabelError) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> Any:
+    return _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
