@@ -33,7 +33,9 @@ def preview_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names
     fig, axes = plt.subplots(len(names), 3, figsize=(9, 3 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         flair = image[row, 0].T
-        for col, (title, lab) in enumerate([("FLAIR", None), ("ground truth", truth), ("prediction", pred)]):
+        for col, (title, lab) in enumerate(
+            [("FLAIR", None), ("ground truth", truth), ("prediction", pred)]
+        ):
             ax = axes[row, col]
             ax.imshow(flair, cmap="gray")
             if lab is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tumorseg.errors import DataError
+
 CANONICAL = {0: "background", 1: "NCR", 2: "ED", 3: "ET"}
 
 # source value -> canonical value
@@ -22,7 +24,7 @@ CONVENTIONS: dict[str, dict[int, int]] = {
 REGIONS: dict[str, tuple[int, ...]] = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}
 
 
-class LabelError(ValueError):
+class LabelError(DataError):
     """A segmentation holds a value its convention does not define."""
 
 
@@ -34,7 +36,9 @@ def to_canonical(seg: np.ndarray, convention: str, source: str = "<array>") -> n
     mapping = CONVENTIONS[convention]
     values = np.unique(seg)
     if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-        raise LabelError(f"{source}: non-integer label value {values[values != np.round(values)][:1]}")
+        raise LabelError(
+            f"{source}: non-integer label value {values[values != np.round(values)][:1]}"
+        )
     unknown = sorted(set(values.astype(np.int64).tolist()) - set(mapping))
     if unknown:
         raise LabelError(
@@ -56,7 +60,9 @@ def from_canonical(seg: np.ndarray, convention: str) -> np.ndarray:
 
 def regions_from_labels(labels: torch.Tensor) -> torch.Tensor:
     """Canonical labels ``(N, H, W)`` -> boolean regions ``(N, 3, H, W)`` in order WT, TC, ET."""
-    return torch.stack([torch.isin(labels, torch.tensor(v, device=labels.device)) for v in REGIONS.values()], 1)
+    return torch.stack(
+        [torch.isin(labels, torch.tensor(v, device=labels.device)) for v in REGIONS.values()], 1
+    )
 
 
 def labels_from_regions(regions: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,9 @@ class SegModule(L.LightningModule):
             return self.loss(logits, regions_from_labels(labels))
         return self.loss(logits, labels)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         image, labels = batch
         loss = self._loss(self(image), labels)
         if not torch.isfinite(loss):
@@ -117,7 +119,10 @@ class SegModule(L.LightningModule):
         if self.scheduler_fn is None:
             return optimizer
         scheduler = self.scheduler_fn(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tumorseg_config"] = self.config

@@ -1,4 +1,4 @@
-"""Pick a fast training precision for the hardware at hand."""
+"""Hardware-dependent trainer settings: a fast precision, GPU or not."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def uses_gpu(accelerator: str) -> bool:
+    """Whether a Trainer ``accelerator`` setting ends up on CUDA GPUs."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def auto_precision(accelerator: str) -> str:
     """``bf16-mixed`` where the device runs bf16 natively, else ``16-mixed`` on GPUs, else fp32."""
-    use_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if use_gpu:
+    if uses_gpu(accelerator):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     if accelerator in ("cpu", "auto"):
         return "bf16-mixed" if cpu_has_bf16() else "32-true"

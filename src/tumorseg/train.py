@@ -12,9 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tumorseg.config import CONF_DIR
-from tumorseg.data.nifti import DataError
-from tumorseg.labels import LabelError
-from tumorseg.precision import auto_precision
+from tumorseg.errors import DataError
+from tumorseg.precision import auto_precision, uses_gpu
 from tumorseg.tracking import git_commit
 
 log = logging.getLogger(__name__)
@@ -51,15 +50,20 @@ def run(cfg: DictConfig) -> float | None:
     """Train (and test) as ``cfg`` says; returns the best ``val/dice_mean``."""
     import lightning as L
 
-    from tumorseg.tracking import make_mlflow_logger
 
     run_id = None
     if cfg.get("ckpt_path"):
         cfg, run_id = resume_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.trainer.get("precision") == "auto":
-        with open_dict(cfg):
-            cfg.trainer.precision = auto_precision(cfg.trainer.get("accelerator", "auto"))
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    with open_dict(cfg):
+        if cfg.trainer.get("precision") == "auto":
+            cfg.trainer.precision = auto_precision(accelerator)
+        if cfg.trainer.get("sync_batchnorm") and not uses_gpu(accelerator):
+            log.warning(
+                "sync_batchnorm needs GPUs; each CPU process keeps its own batch statistics"
+            )
+            cfg.trainer.sync_batchnorm = False
     config = OmegaConf.to_container(cfg, resolve=True)
 
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -89,7 +93,9 @@ def run(cfg: DictConfig) -> float | None:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if cfg.get("test") and not trainer.fast_dev_run:
-        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best_path = (
+            trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        )
         trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None)
     if best is None:
         best = trainer.callback_metrics.get("val/dice_mean")
@@ -100,7 +106,7 @@ def run(cfg: DictConfig) -> float | None:
 def _hydra_main(cfg: DictConfig) -> Any:
     try:
         return run(cfg)
-    except (DataError, LabelError) as err:
+    except DataError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

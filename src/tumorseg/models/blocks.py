@@ -23,12 +23,18 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-def check_args(in_channels: int, out_channels: int, features: Sequence[int], dropout: float) -> None:
+def check_args(
+    in_channels: int, out_channels: int, features: Sequence[int], dropout: float
+) -> None:
     """Shared argument checks of every variant."""
     if in_channels < 1 or out_channels < 1:
-        raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+        raise ValueError(
+            f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}"
+        )
     if len(features) < 2 or any(f < 1 for f in features):
-        raise ValueError(f"features needs >= 2 positive widths (one per level), got {list(features)}")
+        raise ValueError(
+            f"features needs >= 2 positive widths (one per level), got {list(features)}"
+        )
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
@@ -103,8 +109,12 @@ class AttentionGate(nn.Module):
 
     def __init__(self, x_ch: int, g_ch: int, inter_ch: int, norm: str) -> None:
         super().__init__()
-        self.theta_x = nn.Sequential(nn.Conv2d(x_ch, inter_ch, 1, bias=False), make_norm(norm, inter_ch))
-        self.phi_g = nn.Sequential(nn.Conv2d(g_ch, inter_ch, 1, bias=False), make_norm(norm, inter_ch))
+        self.theta_x = nn.Sequential(
+            nn.Conv2d(x_ch, inter_ch, 1, bias=False), make_norm(norm, inter_ch)
+        )
+        self.phi_g = nn.Sequential(
+            nn.Conv2d(g_ch, inter_ch, 1, bias=False), make_norm(norm, inter_ch)
+        )
         self.psi = nn.Sequential(nn.Conv2d(inter_ch, 1, 1), nn.Sigmoid())
         self.act = nn.ReLU(inplace=True)
 
@@ -116,7 +126,9 @@ class AttentionGate(nn.Module):
 class Encoder(nn.Module):
     """Contracting path: a block per level, max-pool between levels. Returns all level outputs."""
 
-    def __init__(self, in_ch: int, features: Sequence[int], block: type[nn.Module], norm: str, dropout: float) -> None:
+    def __init__(
+        self, in_ch: int, features: Sequence[int], block: type[nn.Module], norm: str, dropout: float
+    ) -> None:
         super().__init__()
         widths = [in_ch, *features]
         self.blocks = nn.ModuleList(

@@ -1,0 +1,56 @@
+"""Shared fixtures: a small demo data set written once, and a tiny composed config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from tumorseg.config import CONF_DIR
+from tumorseg.data.demo import write_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four demo cases in the BraTS 2020 layout (shared, do not modify)."""
+    root = tmp_path_factory.mktemp("demo")
+    write_demo(root, cases=4, seed=0, progress=False)
+    return root
+
+
+def compose_tiny(tmp_path: Path, demo_root: Path, overrides: list[str] = ()) -> DictConfig:
+    """The train config shrunk by ``debug=tiny``, writing everything under ``tmp_path``."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=tiny",
+                f"data.root={demo_root}",
+                f"paths.root_dir={tmp_path}",
+                *overrides,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    return cfg
+
+
+def run_train(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` from ``cwd`` (outputs, data and mlruns land there)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,131 @@
+"""`python train.py` as a user runs it: multirun, CPU DDP, kill and resume; runs read from MLflow."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def client_for(cwd: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+
+
+def runs_of(cwd: Path):
+    client = client_for(cwd)
+    exp = client.get_experiment_by_name("tumorseg")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for f in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, f.path) if f.is_dir else {f.path}
+    return out
+
+
+def test_multirun_three_variants_logged_to_mlflow(tmp_path, demo_root):
+    res = run_train(
+        tmp_path,
+        "-m",
+        "model=unet,attention_unet,residual_unet",
+        "debug=tiny",
+        f"data.root={demo_root}",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, runs = runs_of(tmp_path)
+    assert [r.data.tags["variant"] for r in runs] == ["unet", "attention_unet", "residual_unet"]
+    sweeps = {r.data.tags["sweep"] for r in runs}
+    assert len(sweeps) == 1
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert r.data.params["model.name"] == r.data.tags["variant"]
+        assert r.data.params["data.image_size"] == "64"
+        assert r.data.tags["data_source"] == "demo" and len(r.data.tags["data_manifest"]) == 16
+        assert r.data.tags["git_commit"] and r.data.tags["seed"] == "42"
+        for key in (
+            "val/dice_wt",
+            "val/dice_tc",
+            "val/dice_et",
+            "val/dice_mean",
+            "val/iou_wt",
+            "val/acc_et",
+            "test/dice_mean",
+            "train/loss_epoch",
+        ):
+            assert 0.0 <= r.data.metrics[key] <= (1.0 if "loss" not in key else 10.0), key
+        assert len(client.get_metric_history(r.info.run_id, "val/dice_mean")) == 2
+        files = artifact_paths(client, r.info.run_id)
+        assert {"config.yaml", "data_manifest.json", "val_preview.png"} <= files
+        assert any(f.startswith("checkpoints/epoch_") and f.endswith(".ckpt") for f in files)
+
+
+def test_ddp_two_cpu_processes(tmp_path, demo_root):
+    res = run_train(
+        tmp_path,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "debug=tiny",
+        f"data.root={demo_root}",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out and "gloo" in out
+    client, runs = runs_of(tmp_path)
+    assert len(runs) == 1  # rank 1 logs nothing of its own
+    run = runs[0]
+    assert run.data.params["trainer.strategy"] == "ddp"
+    history = client.get_metric_history(run.info.run_id, "val/dice_mean")
+    assert len(history) == 2  # once per epoch, not once per rank
+
+
+def test_kill_and_resume_continues_same_run(tmp_path, demo_root):
+    args = [
+        "debug=tiny",
+        f"data.root={demo_root}",
+        "trainer.max_epochs=6",
+        "trainer.limit_train_batches=8",
+        "test=false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    last = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "outputs").glob("runs/*/checkpoints/last.ckpt"))
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last is not None and proc.returncode == -signal.SIGKILL
+    time.sleep(0.5)
+    killed_epoch = torch.load(last, weights_only=False)["epoch"]
+    assert killed_epoch < 6
+    client, runs = runs_of(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "RUNNING"
+
+    res = run_train(tmp_path, f"ckpt_path={last}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in res.stdout + res.stderr
+    client, runs = runs_of(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "val/dice_mean")
+    steps = [m.step for m in history]
+    assert len(set(steps)) == 6  # six epochs in all, none restarted
+    assert len(steps) <= 7  # at most the epoch in flight at the kill is logged twice
+    assert torch.load(last, weights_only=False)["epoch"] == 5  # last.ckpt kept up to date

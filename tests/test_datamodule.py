@@ -1,0 +1,91 @@
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tumorseg.data.datamodule import BratsDataModule, split_cases
+from tumorseg.data.nifti import DataError, read_case, zscore
+
+
+def test_split_is_by_patient_and_seeded():
+    ids = [f"BraTS20_Training_{i:03d}" for i in range(1, 21)]
+    split = split_cases(ids, val=0.15, test=0.15, seed=0)
+    parts = [set(split[k]) for k in ("train", "val", "test")]
+    assert sum(map(len, parts)) == 20 and set.union(*parts) == set(ids)
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1 :])
+    assert split == split_cases(list(reversed(ids)), 0.15, 0.15, seed=0)
+    assert split != split_cases(ids, 0.15, 0.15, seed=1)
+    with pytest.raises(DataError, match="too few"):
+        split_cases(ids[:2], 0.15, 0.15, 0)
+
+
+def test_datamodule_serves_slices_of_disjoint_cases(demo_root):
+    dm = BratsDataModule(
+        str(demo_root),
+        image_size=64,
+        batch_size=4,
+        val_fraction=0.25,
+        test_fraction=0.25,
+        min_brain_fraction=0.3,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    cases = {k: {c for c, _ in dm.index[k]} for k in ("train", "val", "test")}
+    assert cases["train"] and cases["val"] and cases["test"]
+    assert not (cases["train"] & cases["val"]) and not (cases["train"] & cases["test"])
+    image, labels = next(iter(dm.train_dataloader()))
+    assert image.shape == (4, 4, 64, 64) and labels.shape == (4, 64, 64)
+    assert set(np.unique(dm.datasets["train"].labels.numpy())) <= {0, 1, 2, 3}
+    assert (dm.datasets["train"].labels == 3).any()  # 4 -> 3 (canonical ET)
+    same = BratsDataModule(str(demo_root), val_fraction=0.25, test_fraction=0.25)
+    other = BratsDataModule(str(demo_root), val_fraction=0.25, test_fraction=0.25, split_seed=3)
+    assert dm.manifest()["hash"] == same.manifest()["hash"]
+    assert dm.manifest()["split"] != other.manifest()["split"]
+    assert dm.manifest()["hash"] != other.manifest()["hash"]  # the split is part of the identity
+    image, labels, index = dm.preview(2)
+    assert len(index) == 1 and (labels > 0).any()  # one val case -> one slice, with tumour
+
+
+def test_zscore_over_brain_only():
+    image = np.zeros((4, 4, 4, 2), np.float32)
+    image[:, :2] = np.arange(16, dtype=np.float32).reshape(2, 4, 2)
+    out = zscore(image)
+    brain = (image != 0).any(0)
+    assert np.allclose(out[:, ~brain], 0)
+    assert np.allclose(out[0][brain].mean(), 0, atol=1e-5) and np.allclose(
+        out[0][brain].std(), 1, atol=1e-4
+    )
+
+
+def test_reader_errors_name_the_file(demo_root, tmp_path):
+    case = tmp_path / "BraTS20_Training_001"
+    shutil.copytree(demo_root / case.name, case)
+    good = read_case(case)
+    assert good.image.shape == (4, 240, 240, 155) and good.spacing == (1.0, 1.0, 1.0)
+    # unknown label value
+    seg = case / f"{case.name}_seg.nii.gz"
+    img = nib.load(seg)
+    data = np.asarray(img.dataobj).copy()
+    data[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(data, img.affine), seg)
+    with pytest.raises(DataError, match=r"_seg.nii.gz: unexpected label value 3"):
+        read_case(case)
+    # truncated file
+    t1 = case / f"{case.name}_t1.nii.gz"
+    t1.write_bytes(t1.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"_t1.nii.gz: cannot read NIfTI"):
+        read_case(case)
+    # missing modality
+    t1.unlink()
+    with pytest.raises(DataError, match="missing modality t1"):
+        read_case(case)
+
+
+def test_empty_or_missing_data_dir(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        BratsDataModule(str(tmp_path / "missing"), source="brats").prepare_data()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no BraTS case folders"):
+        BratsDataModule(str(tmp_path / "empty"), source="brats").prepare_data()

@@ -1,0 +1,47 @@
+"""Training through the composed Hydra config, in process."""
+
+import pytest
+import torch
+
+from tests.conftest import compose_tiny
+from tumorseg.module import load_checkpoint
+from tumorseg.precision import auto_precision
+from tumorseg.train import run
+
+
+@pytest.mark.parametrize("variant", ["unet", "attention_unet", "residual_unet"])
+def test_fast_dev_run_each_variant(variant, tmp_path, demo_root):
+    cfg = compose_tiny(tmp_path, demo_root, [f"model={variant}", "debug=default"])
+    assert cfg.trainer.fast_dev_run and cfg.logger is None
+    run(cfg)
+
+
+def test_labels_mode_and_fp32(tmp_path, demo_root):
+    cfg = compose_tiny(
+        tmp_path, demo_root, ["model.target=labels", "trainer.precision=32-true", "debug=default"]
+    )
+    assert cfg.model.net.out_channels == 4
+    run(cfg)
+
+
+def test_checkpoint_rebuilds_net_from_file_alone(tmp_path, demo_root):
+    cfg = compose_tiny(tmp_path, demo_root, ["model=residual_unet", "trainer.max_epochs=1"])
+    score = run(cfg)
+    assert 0.0 <= score <= 1.0
+    ckpt = next((tmp_path / "out" / "checkpoints").glob("epoch_*.ckpt"))
+    module = load_checkpoint(ckpt)
+    assert type(module.net).__name__ == "ResidualUNet"
+    assert module.config["model"]["name"] == "residual_unet"
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        a, b = module(x), load_checkpoint(ckpt)(x)
+    assert a.shape == (2, 3, 64, 64) and torch.equal(a, b)
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert torch.equal(module.state_dict()["net.head.weight"], state["net.head.weight"])
+
+
+def test_auto_precision_picks_bf16_on_bf16_cpu(monkeypatch):
+    monkeypatch.setattr("tumorseg.precision.cpu_has_bf16", lambda: True)
+    assert auto_precision("cpu") == "bf16-mixed"
+    monkeypatch.setattr("tumorseg.precision.cpu_has_bf16", lambda: False)
+    assert auto_precision("cpu") == "32-true"
