@@ -1,4 +1,4 @@
-"""`python train.py` as a user runs it: multirun, CPU DDP, kill and resume; runs read from MLflow."""
+"""`python train.py` as a user runs it: multirun, CPU DDP, kill and resume, read from MLflow."""
 
 import signal
 import subprocess

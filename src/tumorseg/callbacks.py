@@ -1,4 +1,4 @@
-"""Callback that records a run in MLflow: params, config, data manifest, best checkpoint, preview."""
+"""Records a run in MLflow: params, config, data manifest, best checkpoint, preview PNG."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
 
 
 def preview_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: list[str]):
-    """Rows of FLAIR, ground truth and prediction (NCR red, ED green, ET yellow), radiological view."""
+    """Rows of FLAIR, truth and prediction (NCR red, ED green, ET yellow), radiological view."""
     fig, axes = plt.subplots(len(names), 3, figsize=(9, 3 * len(names)), squeeze=False)
     for row, name in enumerate(names):
         flair = image[row, 0].T

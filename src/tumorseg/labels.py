@@ -42,7 +42,8 @@ def to_canonical(seg: np.ndarray, convention: str, source: str = "<array>") -> n
     unknown = sorted(set(values.astype(np.int64).tolist()) - set(mapping))
     if unknown:
         raise LabelError(
-            f"{source}: unexpected label value {unknown[0]} for {convention} (allowed {sorted(mapping)})"
+            f"{source}: unexpected label value {unknown[0]} for {convention} "
+            f"(allowed {sorted(mapping)})"
         )
     lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
     for src, dst in mapping.items():
@@ -66,7 +67,7 @@ def regions_from_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def labels_from_regions(regions: torch.Tensor) -> torch.Tensor:
-    """Boolean regions ``(N, 3, H, W)`` -> canonical labels: WT as edema, then TC as core, ET over both."""
+    """Boolean regions ``(N, 3, H, W)`` -> canonical labels: WT as edema, TC as core, ET on top."""
     labels = torch.zeros(regions[:, 0].shape, dtype=torch.uint8, device=regions.device)
     labels[regions[:, 0]] = 2
     labels[regions[:, 1]] = 1

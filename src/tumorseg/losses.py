@@ -29,7 +29,7 @@ class RegionLoss(nn.Module):
 
 
 class LabelLoss(nn.Module):
-    """Cross-entropy + soft Dice over the foreground classes of a softmax (0 BG, 1 NCR, 2 ED, 3 ET)."""
+    """Cross-entropy + soft Dice over the foreground classes (1 NCR, 2 ED, 3 ET) of a softmax."""
 
     def __init__(self, dice_weight: float = 1.0, ce_weight: float = 1.0) -> None:
         super().__init__()

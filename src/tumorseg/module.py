@@ -136,7 +136,7 @@ class SegModule(L.LightningModule):
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SegModule:
-    """Rebuild the module and net from a checkpoint file alone (its stored config), weights loaded."""
+    """Rebuild module and net from a checkpoint file alone (its stored config), with weights."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 

@@ -50,7 +50,6 @@ def run(cfg: DictConfig) -> float | None:
     """Train (and test) as ``cfg`` says; returns the best ``val/dice_mean``."""
     import lightning as L
 
-
     run_id = None
     if cfg.get("ckpt_path"):
         cfg, run_id = resume_config(cfg)
