@@ -23,6 +23,7 @@ def test_split_is_by_patient_and_seeded():
 def test_datamodule_serves_slices_of_disjoint_cases(demo_root):
     dm = BratsDataModule(
         str(demo_root),
+        demo_cases=4,
         image_size=64,
         batch_size=4,
         val_fraction=0.25,
@@ -40,6 +41,7 @@ def test_datamodule_serves_slices_of_disjoint_cases(demo_root):
     assert set(np.unique(dm.datasets["train"].labels.numpy())) <= {0, 1, 2, 3}
     assert (dm.datasets["train"].labels == 3).any()  # 4 -> 3 (canonical ET)
     same = BratsDataModule(str(demo_root), val_fraction=0.25, test_fraction=0.25)
+    assert len(dm.manifest()["cases"]) == 4
     other = BratsDataModule(str(demo_root), val_fraction=0.25, test_fraction=0.25, split_seed=3)
     assert dm.manifest()["hash"] == same.manifest()["hash"]
     assert dm.manifest()["split"] != other.manifest()["split"]
