@@ -39,6 +39,8 @@ def test_tiny_run_writes_table(tmp_path, capsys):
         ["--sizes", "100"],  # not a multiple of 8 with the default 4 levels
         ["--sizes", "a,b"],
         ["--steps", "0"],
+        ["--features", "16"],
+        ["--output", "/nonexistent/dir/bench.md"],
         ["--batch-size", "-1"],
         ["--bogus"],
     ],

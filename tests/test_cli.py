@@ -129,3 +129,13 @@ def test_kill_and_resume_continues_same_run(tmp_path, demo_root):
     assert len(set(steps)) == 6  # six epochs in all, none restarted
     assert len(steps) <= 7  # at most the epoch in flight at the kill is logged twice
     assert torch.load(last, weights_only=False)["epoch"] == 5  # last.ckpt kept up to date
+
+
+def test_bad_data_dir_is_one_line_error(tmp_path):
+    res = run_train(tmp_path, "data.source=brats", f"data.root={tmp_path / 'nope'}")
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip().splitlines()[-1]
+        == f"error: {tmp_path / 'nope'}: data directory does not exist"
+    )
+    assert "Traceback" not in res.stderr

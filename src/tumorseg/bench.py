@@ -42,9 +42,8 @@ VARIANTS: dict[str, type[nn.Module]] = {
 }
 MODES = ("fp32", "bf16+cl")
 IN_CHANNELS, OUT_CHANNELS = 4, 3
-# default batch: 16 slices up to 128x128, 8 above (about as many pixels per step, half the time)
-SMALL_BATCH, LARGE_BATCH, SMALL_SIZE = 16, 8, 128
 LR, WEIGHT_DECAY = 3e-3, 1e-4  # as in conf/model/*.yaml
+MATMUL_WARMUP, MATMUL_REPEATS = 2, 5
 
 
 class ArgError(Exception):
@@ -110,14 +109,9 @@ def build_parser() -> Parser:
     add = parser.add_argument
     add("--variants", type=name_list, default=list(VARIANTS), help="comma-separated (default all)")
     add("--sizes", type=int_list, default=[128, 240], help="input H=W list (default 128,240)")
-    add(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"slices per step (default {SMALL_BATCH} up to {SMALL_SIZE}, {LARGE_BATCH} above)",
-    )
-    add("--steps", type=int, default=3, help="timed steps per configuration (default 3)")
-    add("--warmup", type=int, default=1, help="untimed steps before timing (default 1)")
+    add("--batch-size", type=int, default=16, help="slices per training step (default 16)")
+    add("--steps", type=int, default=8, help="timed steps per configuration (default 8)")
+    add("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
     add("--features", type=int_list, default=[16, 32, 64, 128], help="default 16,32,64,128")
     add("--matmul-size", type=int, default=2048, help="n of the n x n matmul (default 2048)")
     add("--output", type=Path, default=None, help="also write the Markdown report here")
@@ -127,7 +121,7 @@ def build_parser() -> Parser:
 def check_args(args: argparse.Namespace) -> None:
     """Raise ``ArgError`` for values argparse cannot check on its own."""
     multiple = 2 ** (len(args.features) - 1)
-    if args.batch_size is not None and args.batch_size < 1:
+    if args.batch_size < 1:
         raise ArgError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.steps < 1:
         raise ArgError(f"--steps must be at least 1, got {args.steps}")
@@ -135,19 +129,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgError(f"--warmup must be non-negative, got {args.warmup}")
     if args.matmul_size < 1:
         raise ArgError(f"--matmul-size must be at least 1, got {args.matmul_size}")
-    if min(args.features) < 1:
-        raise ArgError(f"--features must be positive, got {args.features}")
+    if len(args.features) < 2 or min(args.features) < 1:
+        raise ArgError(f"--features needs at least 2 positive widths, got {args.features}")
     bad = [s for s in args.sizes if s < multiple or s % multiple]
     if bad:
         raise ArgError(f"--sizes must be positive multiples of {multiple}, got {bad[0]}")
-    if args.output is not None and args.output.is_dir():
-        raise ArgError(f"--output {args.output} is a folder")
-
-
-def batch_for(size: int, batch_size: int | None) -> int:
-    if batch_size is not None:
-        return batch_size
-    return SMALL_BATCH if size <= SMALL_SIZE else LARGE_BATCH
+    if args.output is not None and (args.output.is_dir() or not args.output.parent.is_dir()):
+        raise ArgError(f"--output {args.output} is a folder or its folder does not exist")
 
 
 # ---------------------------------------------------------------- measurements
@@ -165,13 +153,18 @@ def timed_calls(fn: Callable[[], object], warmup: int, repeats: int) -> list[flo
     return times
 
 
-def matmul_peak(n: int, dtype: torch.dtype, warmup: int = 2, repeats: int = 5) -> float:
-    """GFLOP/s of an ``n x n`` matmul in ``dtype``: 2 n^3 FLOPs over the best of ``repeats``."""
+def matmul_peak(n: int, dtype: torch.dtype) -> float:
+    """GFLOP/s of an ``n x n`` matmul in ``dtype``: 2 n^3 FLOPs over the best repeat."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
-    seconds = min(timed_calls(lambda: torch.matmul(a, b), warmup, repeats))
+    seconds = min(timed_calls(lambda: torch.matmul(a, b), MATMUL_WARMUP, MATMUL_REPEATS))
     return 2 * n**3 / seconds / 1e9
+
+
+def measure_peaks(n: int) -> dict[str, float]:
+    """Matmul GFLOP/s keyed by the mode it is the peak for."""
+    return {"fp32": matmul_peak(n, torch.float32), "bf16+cl": matmul_peak(n, torch.bfloat16)}
 
 
 def make_batch(batch: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,15 +223,14 @@ def run(args: argparse.Namespace) -> list[Row]:
     rows = []
     for variant in args.variants:
         for size in args.sizes:
-            batch = batch_for(size, args.batch_size)
-            image, regions = make_batch(batch, size)
+            image, regions = make_batch(args.batch_size, size)
             flops = count_flops(variant, args.features, image, regions)
             for mode in MODES:
                 times = step_times(
                     variant, args.features, image, regions, mode, args.warmup, args.steps
                 )
-                row = Row(variant, size, mode, batch, statistics.median(times), flops)
-                rows.append(row)
+                median = statistics.median(times)
+                rows.append(Row(variant, size, mode, args.batch_size, median, flops))
                 spread = ", ".join(f"{t:.2f}" for t in times)
                 print(f"  {variant} {size} {mode}: steps {spread} s", file=sys.stderr, flush=True)
     return rows
@@ -258,13 +250,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def environment_lines(n: int, peaks: dict[str, float]) -> list[str]:
+def environment_lines(n: int, start: dict[str, float], end: dict[str, float]) -> list[str]:
     bf16 = "yes" if cpu_has_bf16() else "no"
+    peak = {mode: f"{max(start[mode], end[mode]):.0f}" for mode in MODES}
     return [
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_name()} "
         f"(native bf16: {bf16})",
-        f"- matmul peak ({n}x{n}, best of 5): fp32 {peaks['fp32']:.1f} GFLOP/s, "
-        f"bf16 {peaks['bf16+cl']:.1f} GFLOP/s",
+        f"- matmul peak ({n}x{n}, best of {MATMUL_REPEATS} at the start and the end of the run): "
+        f"fp32 {peak['fp32']} GFLOP/s, bf16 {peak['bf16+cl']} GFLOP/s "
+        f"(start {start['fp32']:.0f} / {start['bf16+cl']:.0f}, "
+        f"end {end['fp32']:.0f} / {end['bf16+cl']:.0f})",
     ]
 
 
@@ -290,13 +285,16 @@ def table_lines(rows: list[Row], peaks: dict[str, float]) -> list[str]:
     return lines
 
 
-def report(args: argparse.Namespace, rows: list[Row], peaks: dict[str, float]) -> str:
+def report(
+    args: argparse.Namespace, rows: list[Row], start: dict[str, float], end: dict[str, float]
+) -> str:
     features = ",".join(map(str, args.features))
+    peaks = {mode: max(start[mode], end[mode]) for mode in MODES}
     return "\n".join(
         [
             "# tumorseg-bench: training throughput on CPU",
             "",
-            *environment_lines(args.matmul_size, peaks),
+            *environment_lines(args.matmul_size, start, end),
             f"- features {features}; {args.warmup} warm-up + {args.steps} timed steps "
             "(median); GFLOP/s from one fp32 forward + backward; % of the fp32 or bf16 "
             "matmul peak; speed-up = fp32 / bf16+cl step time",
@@ -320,12 +318,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     print(f"{PROG}: matmul peak ...", file=sys.stderr, flush=True)
-    peaks = {
-        "fp32": matmul_peak(args.matmul_size, torch.float32),
-        "bf16+cl": matmul_peak(args.matmul_size, torch.bfloat16),
-    }
+    start_peaks = measure_peaks(args.matmul_size)
     rows = run(args)
-    text = report(args, rows, peaks)
+    end_peaks = measure_peaks(args.matmul_size)
+    text = report(args, rows, start_peaks, end_peaks)
     print(text)
     print(f"wall time {time.perf_counter() - start:.1f} s")
     if args.output is not None:

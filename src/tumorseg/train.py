@@ -106,7 +106,6 @@ def _hydra_main(cfg: DictConfig) -> Any:
     try:
         return run(cfg)
     except DataError as err:
-        log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

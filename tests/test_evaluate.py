@@ -1,0 +1,356 @@
+"""`tumorseg.evaluate`: hand-computed metrics, HD95 with anisotropic spacing, the CLI's files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+
+from tumorseg.evaluate import EMPTY_HD95, METRICS, case_metrics, hd95, main, summarise
+
+# seaborn 0.13 passes matplotlib 3.11's deprecated ``vert`` to boxplot
+pytestmark = pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
+
+SHAPE = (20, 20, 10)
+SPACING = (1.0, 1.0, 2.0)
+OUTPUTS = ("metrics.csv", "metrics_summary.csv", "metrics_boxplot.png")
+
+
+def blob(center: tuple[int, int, int], radius: int, label: int) -> np.ndarray:
+    """Canonical volume with a cube of ``label`` around ``center``."""
+    seg = np.zeros(SHAPE, dtype=np.uint8)
+    seg[tuple(slice(c - radius, c + radius + 1) for c in center)] = label
+    return seg
+
+
+def tumour(shift: int = 0) -> np.ndarray:
+    """Canonical volume with edema, a necrotic core and enhancing tumour, shifted along x."""
+    seg = blob((10 + shift, 10, 5), 4, 2)
+    seg[7 + shift : 12 + shift, 8:12, 3:7] = 1
+    seg[9 + shift : 11 + shift, 9:11, 4:6] = 3
+    return seg
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_perfect_prediction():
+    seg = tumour()
+    for region, m in case_metrics(seg, seg, SPACING).items():
+        assert m == {
+            "dice": 1.0,
+            "iou": 1.0,
+            "accuracy": 1.0,
+            "sensitivity": 1.0,
+            "specificity": 1.0,
+            "hd95": 0.0,
+        }, region
+
+
+def test_disjoint_masks():
+    pred, ref = blob((4, 4, 2), 1, 2), blob((15, 15, 7), 1, 2)
+    wt = case_metrics(pred, ref, SPACING)["wt"]
+    assert wt["dice"] == 0 and wt["iou"] == 0 and wt["sensitivity"] == 0
+    assert wt["accuracy"] == pytest.approx(1 - 54 / 4000)
+    assert wt["specificity"] == pytest.approx(1 - 27 / (4000 - 27))
+    assert wt["hd95"] > 0  # exact value in test_disjoint_hd95_value
+
+
+def test_both_empty_and_one_empty():
+    seg = blob((10, 10, 5), 2, 2)  # edema only: TC and ET empty in both
+    both_empty = case_metrics(seg, seg, SPACING)
+    for region in ("tc", "et"):
+        assert both_empty[region]["dice"] == 1 and both_empty[region]["iou"] == 1
+        assert both_empty[region]["hd95"] == 0
+        assert both_empty[region]["sensitivity"] == 1 and both_empty[region]["specificity"] == 1
+
+    empty = np.zeros(SHAPE, dtype=np.uint8)
+    for pred, ref in ((empty, seg), (seg, empty)):
+        wt = case_metrics(pred, ref, SPACING)["wt"]
+        assert wt["dice"] == 0 and wt["iou"] == 0
+        assert wt["hd95"] == EMPTY_HD95 == 373.13
+        assert wt["sensitivity"] == 0  # empty reference, non-empty prediction -> 0
+
+
+def test_counts_on_a_small_example():
+    ref = np.zeros((4, 5, 1), dtype=np.uint8)
+    pred = np.zeros_like(ref)
+    ref[0, :4] = 2  # 4 reference voxels
+    pred[0, :3] = 2  # 3 of them found ...
+    pred[3, 3:] = 2  # ... and 2 false positives; 14 true negatives of 20
+    wt = case_metrics(pred, ref, (1.0, 1.0, 1.0))["wt"]
+    assert wt["dice"] == pytest.approx(6 / 9)
+    assert wt["iou"] == pytest.approx(3 / 6)
+    assert wt["accuracy"] == pytest.approx(17 / 20)
+    assert wt["sensitivity"] == pytest.approx(3 / 4)
+    assert wt["specificity"] == pytest.approx(14 / 16)
+
+
+def test_regions_nest_labels():
+    ref = tumour()
+    pred = ref.copy()
+    pred[pred == 3] = 1  # enhancing called necrotic: WT and TC perfect, ET missed
+    m = case_metrics(pred, ref, SPACING)
+    assert m["wt"]["dice"] == 1 and m["tc"]["dice"] == 1
+    assert m["et"]["dice"] == 0 and m["et"]["hd95"] == EMPTY_HD95
+
+
+@pytest.mark.parametrize(
+    ("axis", "expected"),
+    [(0, 3.0), (2, 6.0)],  # 3 voxels apart: 3 mm along x (1 mm), 6 mm along z (2 mm)
+)
+def test_hd95_single_voxels_anisotropic(axis, expected):
+    pred, ref = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    pred[5, 5, 2] = True
+    index = [5, 5, 2]
+    index[axis] += 3
+    ref[tuple(index)] = True
+    assert hd95(pred, ref, SPACING) == pytest.approx(expected)
+
+
+def test_hd95_lines_displaced_along_z():
+    pred, ref = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    pred[2:18, 10, 2] = True
+    ref[2:18, 10, 6] = True  # 4 slices of 2 mm away
+    assert hd95(pred, ref, SPACING) == pytest.approx(8.0)
+    assert hd95(pred, ref, (1.0, 1.0, 0.5)) == pytest.approx(2.0)
+
+
+def test_hd95_ignores_a_lone_outlier():
+    ref = blob((6, 6, 4), 2, 1).astype(bool)  # 5x5x5 cube: 98 surface voxels
+    pred = ref.copy()
+    pred[18, 18, 9] = True  # one far voxel among ~200 pooled distances
+    assert hd95(pred, ref, SPACING) == 0.0
+
+
+def brute_hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
+    """Pooled 95th percentile of surface distances from all surface voxel pairs."""
+    ps = np.argwhere(pred & ~ndimage.binary_erosion(pred)) * spacing
+    rs = np.argwhere(ref & ~ndimage.binary_erosion(ref)) * spacing
+    d = cdist(ps, rs)
+    return float(np.percentile(np.concatenate([d.min(1), d.min(0)]), 95))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hd95_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    pred = ndimage.binary_dilation(rng.random(SHAPE) > 0.995, iterations=2)
+    ref = ndimage.binary_dilation(rng.random(SHAPE) > 0.995, iterations=2)
+    pred[0, :, :3] = True  # touching the volume's border
+    assert hd95(pred, ref, SPACING) == pytest.approx(brute_hd95(pred, ref, np.array(SPACING)))
+
+
+def test_disjoint_hd95_value():
+    pred, ref = blob((4, 4, 2), 1, 2), blob((15, 15, 7), 1, 2)
+    expected = brute_hd95(pred > 0, ref > 0, np.array(SPACING))
+    assert case_metrics(pred, ref, SPACING)["wt"]["hd95"] == pytest.approx(expected)
+
+
+def test_case_metrics_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        case_metrics(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)), SPACING)
+
+
+# ---------------------------------------------------------------- summary
+
+
+def test_summarise():
+    values = [0.2, 0.4, 0.6, 0.8, 1.0]
+    df = pd.DataFrame(
+        [
+            {"case_id": f"c{i}", "region": r, **{m: v for m in METRICS}}
+            for i, v in enumerate(values)
+            for r in ("wt", "tc", "et")
+        ]
+    )
+    summary = summarise(df)
+    assert len(summary) == len(METRICS) * 3
+    assert list(summary.columns) == [
+        "metric",
+        "region",
+        "n",
+        "mean",
+        "median",
+        "std",
+        "ci_low",
+        "ci_high",
+    ]
+    row = summary.iloc[0]
+    assert (row.metric, row.region, row.n) == ("dice", "wt", 5)
+    assert row["mean"] == pytest.approx(0.6) and row["median"] == pytest.approx(0.6)
+    assert row["std"] == pytest.approx(np.std(values, ddof=1))
+    assert 0.2 <= row.ci_low < 0.6 < row.ci_high <= 1.0
+    pd.testing.assert_frame_equal(summary, summarise(df))  # seeded
+
+
+def test_summarise_constant_values_give_a_point_ci():
+    df = pd.DataFrame([{"case_id": "a", "region": "wt", **{m: 0.5 for m in METRICS}}] * 3)
+    row = summarise(df).iloc[0]
+    assert row.ci_low == row.ci_high == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- command line
+
+# brats2020 values for canonical 0..3
+TO_BRATS2020 = np.array([0, 1, 2, 4], dtype=np.uint8)
+
+
+def save(path: Path, seg: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(seg, np.diag([*SPACING, 1.0])), path)
+    return path
+
+
+def write_cases(
+    root: Path, layout: str, cases: dict[str, tuple[np.ndarray | None, np.ndarray | None]]
+):
+    """Prediction files in ``root/pred``, references in ``root/ref`` as files or folders."""
+    for cid, (pred, ref) in cases.items():
+        if pred is not None:
+            save(root / "pred" / f"{cid}.nii.gz", TO_BRATS2020[pred])
+        if ref is None:
+            continue
+        if layout == "files":
+            save(root / "ref" / f"{cid}.nii", TO_BRATS2020[ref])
+        else:
+            save(root / "ref" / cid / f"{cid}_seg.nii.gz", TO_BRATS2020[ref])
+    (root / "pred").mkdir(exist_ok=True)
+    (root / "ref").mkdir(exist_ok=True)
+    return root / "pred", root / "ref"
+
+
+def run_cli(root: Path, *extra: str) -> int:
+    return main(
+        [
+            "--predictions",
+            str(root / "pred"),
+            "--references",
+            str(root / "ref"),
+            "--output",
+            str(root / "out" / "metrics.csv"),
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def no_outputs(root: Path) -> bool:
+    return not (root / "out").exists() or not any((root / "out").iterdir())
+
+
+@pytest.mark.parametrize("layout", ["files", "folders"])
+def test_cli_writes_metrics_summary_and_plot(tmp_path, layout, capsys):
+    write_cases(
+        tmp_path,
+        layout,
+        {
+            "case_a": (tumour(), tumour()),
+            "case_b": (tumour(1), tumour()),
+            "case_c": (tumour(2), tumour()),
+        },
+    )
+    assert run_cli(tmp_path) == 0
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df.columns) == ["case_id", "region", *METRICS]
+    assert len(df) == 9
+    perfect = df[df.case_id == "case_a"].set_index("region")
+    assert (perfect.dice == 1).all() and (perfect.hd95 == 0).all()
+    shifted = df[df.case_id == "case_b"].set_index("region")
+    expected = case_metrics(tumour(1), tumour(), SPACING)
+    for region in ("wt", "tc", "et"):
+        for metric in METRICS:
+            assert shifted.loc[region, metric] == pytest.approx(expected[region][metric])
+    summary = pd.read_csv(out / "metrics_summary.csv")
+    assert len(summary) == len(METRICS) * 3 and set(summary.n) == {3}
+    assert (out / "metrics_boxplot.png").read_bytes()[:4] == b"\x89PNG"
+    stdout = capsys.readouterr().out
+    assert "dice" in stdout and "WT" in stdout and "3 cases" in stdout
+
+
+def test_cli_missing_partner_and_shape_mismatch(tmp_path, capsys):
+    small = np.zeros((10, 10, 10), dtype=np.uint8)
+    write_cases(
+        tmp_path,
+        "folders",
+        {
+            "ok": (tumour(), tumour()),
+            "no_ref": (tumour(), None),
+            "no_pred": (None, tumour()),
+            "bad_shape": (small, tumour()),
+        },
+    )
+    assert run_cli(tmp_path) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "case " in line and ": " in line]
+    assert any("case no_ref: no reference" in line for line in lines)
+    assert any("case no_pred: no prediction" in line for line in lines)
+    assert any("case bad_shape: prediction shape (10, 10, 10)" in line for line in lines)
+    assert "Traceback" not in err
+    assert no_outputs(tmp_path)
+
+    assert run_cli(tmp_path, "--allow-missing") == 0
+    df = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert set(df.case_id) == {"ok"}
+    stdout = capsys.readouterr().out
+    assert "skipped 3 case(s): bad_shape, no_pred, no_ref" in stdout
+
+
+def test_cli_unknown_label_value(tmp_path, capsys):
+    write_cases(tmp_path, "files", {"a": (tumour(), tumour()), "b": (tumour(), tumour())})
+    bad = TO_BRATS2020[tumour()]
+    bad[0, 0, 0] = 5
+    path = save(tmp_path / "pred" / "b.nii.gz", bad)
+    assert run_cli(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert str(path) in err and "unexpected label value 5" in err
+    assert no_outputs(tmp_path)
+
+
+def test_cli_label_conventions(tmp_path):
+    write_cases(tmp_path, "files", {"a": (tumour(), tumour())})  # written as brats2020
+    assert run_cli(tmp_path, "--labels", "brats2023") == 2  # value 4 is not brats2023
+    assert run_cli(tmp_path, "--labels", "brats2020") == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--predictions", "/nonexistent", "--references", "."],
+        ["--predictions", ".", "--references", ".", "--labels", "brats1999"],
+        ["--bogus"],
+    ],
+)
+def test_cli_bad_arguments(args, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tumorseg-evaluate: error:") and err.count("\n") == 1
+
+
+def test_cli_logs_to_mlflow(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("eval", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    write_cases(tmp_path, "files", {"a": (tumour(), tumour()), "b": (tumour(1), tumour())})
+
+    assert run_cli(tmp_path, "--mlflow-run", "does-not-exist", "--tracking-uri", uri) == 2
+    assert no_outputs(tmp_path)
+    assert run_cli(tmp_path, "--mlflow-run", run_id, "--tracking-uri", uri) == 0
+
+    metrics = client.get_run(run_id).data.metrics
+    assert len(metrics) == len(METRICS) * 3
+    df = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert metrics["case/dice_wt"] == pytest.approx(df[df.region == "wt"].dice.mean())
+    artifacts = {f.path for f in client.list_artifacts(run_id, "evaluation")}
+    assert artifacts == {f"evaluation/{name}" for name in OUTPUTS}
