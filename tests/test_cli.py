@@ -59,7 +59,7 @@ def test_multirun_three_variants_logged_to_mlflow(tmp_path, demo_root):
             "val/iou_wt",
             "val/acc_et",
             "test/dice_mean",
-            "train/loss_epoch",
+            "train/loss",
         ):
             assert 0.0 <= r.data.metrics[key] <= (1.0 if "loss" not in key else 10.0), key
         assert len(client.get_metric_history(r.info.run_id, "val/dice_mean")) == 2
