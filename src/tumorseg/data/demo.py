@@ -1,0 +1,382 @@
+"""Offline BraTS-like demo data set with real brain anatomy and synthetic gliomas.
+
+Writes cases in the BraTS 2020 layout::
+
+    OUTPUT/BraTS20_Training_001/BraTS20_Training_001_{flair,t1,t1ce,t2,seg}.nii.gz
+
+Each volume is 240x240x155 at 1 mm with the BraTS affine. The anatomy comes from the MNI152
+2009a symmetric template and its grey/white-matter maps shipped inside nilearn (no download);
+four contrasts are built from tissue fractions. Each case gets 1 to 3 irregular lesions with a
+necrotic core (label 1), an enhancing rim (label 4) and surrounding edema (label 2), then a
+smooth bias field and Rician noise. Case ``i`` of seed ``s`` only depends on ``(s, i)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+SHAPE = (240, 240, 155)
+BRATS_AFFINE = np.array(
+    [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+)
+FILES = (*MODALITIES, "seg")
+
+# The MNI152 brain is a little larger than the SRI24 brains of BraTS: shrink it to fit.
+SCALE = 0.92
+# Largest random shift of the brain in the grid, in voxels per axis.
+MAX_SHIFT = (5, 5, 2)
+
+# Mean intensities per modality (columns in MODALITIES order).
+# Rows of TISSUE: CSF, grey matter, white matter.
+TISSUE = np.array(
+    [
+        [170.0, 280.0, 300.0, 2400.0],
+        [640.0, 600.0, 640.0, 1250.0],
+        [540.0, 880.0, 860.0, 820.0],
+    ],
+    dtype=np.float32,
+)
+# Rows of TUMOUR: edema (2), enhancing tumour (4), necrosis (1).
+TUMOUR = np.array(
+    [
+        [1150.0, 650.0, 660.0, 1900.0],
+        [1000.0, 640.0, 1650.0, 1500.0],
+        [560.0, 300.0, 320.0, 2250.0],
+    ],
+    dtype=np.float32,
+)
+# Share of the underlying anatomy that still shows through each tumour class.
+KEEP = (0.3, 0.1, 0.0)
+# Smallest tumour fragment kept, in voxels.
+MIN_PART = 64
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Template brain placed in the BraTS grid, reduced to its bounding box."""
+
+    origin: np.ndarray  # (3,) box corner in the unshifted grid
+    pos: np.ndarray  # box-shaped int32: column in `fractions` of a brain voxel, -1 outside
+    flat: np.ndarray  # (N,) flat grid index of each brain voxel, unshifted
+    fractions: np.ndarray  # (3, N) CSF, GM, WM fractions
+    terms: np.ndarray  # (9, N) polynomial terms of the bias field
+    centres: np.ndarray  # (K, 3) box coordinates where a lesion may be centred
+    shift: np.ndarray  # (3,) largest allowed shift per axis
+
+
+def case_id(index: int) -> str:
+    """BraTS 2020 training case name, e.g. ``BraTS20_Training_001``."""
+    return f"BraTS20_Training_{index:03d}"
+
+
+def _to_grid(data: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Resample a 1 mm RAS template so that `centre` lands mid-grid, in BraTS (LPS) order."""
+    flip = np.array([-1.0, -1.0, 1.0])  # BraTS axes 0 and 1 run opposite to RAS
+    matrix = flip / SCALE
+    grid_centre = (np.array(SHAPE) - 1) / 2
+    offset = centre - matrix * grid_centre
+    return ndi.affine_transform(data, matrix, offset=offset, output_shape=SHAPE, order=1)
+
+
+@functools.cache
+def _anatomy() -> Anatomy:
+    """Load and resample the nilearn MNI152 maps once per process."""
+    from nilearn import datasets  # slow import: only when data is generated
+
+    start = time.perf_counter()
+    t1 = datasets.load_mni152_template(resolution=1).get_fdata(dtype=np.float32)
+    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
+    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
+
+    brain = np.argwhere(t1 > 0.2)
+    centre = (brain.min(0) + brain.max(0)) / 2
+    mask = _to_grid(t1, centre) > 0.2
+    gm = np.clip(_to_grid(gm, centre), 0, 1)
+    wm = np.clip(_to_grid(wm, centre), 0, 1)
+    csf = np.clip(1 - gm - wm, 0, 1)
+
+    # Crop everything to the bounding box of the brain.
+    where = np.argwhere(mask)
+    lo, hi = where.min(0), where.max(0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    mask = mask[box]
+    pos = np.full(mask.shape, -1, dtype=np.int32)
+    pos[mask] = np.arange(int(mask.sum()), dtype=np.int32)
+    fractions = np.stack([csf[box][mask], gm[box][mask], wm[box][mask]])
+    flat = np.ravel_multi_index(tuple((np.argwhere(mask) + lo).T), SHAPE)
+
+    # Bias-field terms: x, y, z and their products, coordinates scaled to [-1, 1].
+    xyz = np.argwhere(mask).astype(np.float32)
+    xyz = 2 * xyz / (np.array(mask.shape, dtype=np.float32) - 1) - 1
+    x, y, z = xyz.T
+    terms = np.stack([x, y, z, x * x, y * y, z * z, x * y, x * z, y * z])
+
+    # Lesion centres: white matter at least 12 mm from the brain surface.
+    depth = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1]
+    centres = np.argwhere((wm[box] > 0.6) & (depth > 12)).astype(np.int32)
+
+    shift = np.minimum(np.minimum(lo, np.array(SHAPE) - hi), MAX_SHIFT)
+    log.debug("MNI152 anatomy ready in %.2f s: box %s", time.perf_counter() - start, mask.shape)
+    return Anatomy(lo, pos, flat, fractions, terms.astype(np.float32), centres, shift)
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cell: float) -> np.ndarray:
+    """Zero-mean unit-variance noise varying over about `cell` voxels (upsampled grid)."""
+    coarse = tuple(int(np.ceil(n / cell)) + 3 for n in shape)
+    mid = tuple(max(n // 3, c) for n, c in zip(shape, coarse, strict=True))
+    low = rng.standard_normal(coarse, dtype=np.float32)
+    low = ndi.zoom(low, [m / c for m, c in zip(mid, coarse, strict=True)], order=3, mode="nearest")
+    out = ndi.zoom(low, [n / m for n, m in zip(shape, mid, strict=True)], order=1, mode="nearest")
+    out = out[tuple(slice(0, n) for n in shape)]
+    return (out - out.mean()) / (out.std() + 1e-6)
+
+
+def _ramp(level: float | np.ndarray, r: np.ndarray, width: float) -> np.ndarray:
+    """Soft indicator of ``r < level`` with a linear edge `width` wide; 0.5 on the boundary."""
+    return np.clip((level - r) / width + 0.5, 0, 1)
+
+
+def _lesion(
+    rng: np.random.Generator, anatomy: Anatomy, centre: np.ndarray, radius: float
+) -> tuple[np.ndarray, ...]:
+    """One lesion: its bounding box (lo, hi) and soft edema/core/necrosis weights there."""
+    radii = radius * rng.uniform(0.8, 1.2, 3)
+    rot, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    half = int(np.ceil(radii.max() * 1.7)) + 2  # room for the outline factors below
+    lo = np.maximum(centre - half, 0)
+    hi = np.minimum(centre + half + 1, anatomy.pos.shape)
+    shape = tuple(int(n) for n in hi - lo)
+
+    def field(offset: np.ndarray) -> np.ndarray:
+        # Ellipsoidal radius (1 on the surface) around centre + offset.
+        d = [
+            (np.arange(a, b, dtype=np.float32) - c - o).reshape(
+                [-1 if k == i else 1 for k in range(3)]
+            )
+            for i, (a, b, c, o) in enumerate(zip(lo, hi, centre, offset, strict=True))
+        ]
+        r2 = 0
+        for k in range(3):
+            q = rot[0, k] * d[0] + rot[1, k] * d[1] + rot[2, k] * d[2]
+            r2 = r2 + (q / radii[k]) ** 2
+        return np.sqrt(r2)
+
+    # Irregular outlines: divide the radius by a smooth random factor. Edema spreads
+    # further along white matter than into grey matter and CSF.
+    pos = anatomy.pos[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+    wm = np.where(pos >= 0, anatomy.fractions[2, pos], 0)
+    bumps = np.clip(_smooth_noise(rng, shape, cell=radius / 1.5), -2, 2)
+    edema = field(np.zeros(3)) * np.exp(-0.18 * bumps) * (1.1 - 0.25 * wm)
+    bumps = np.clip(_smooth_noise(rng, shape, cell=radius / 2.5), -2, 2)
+    core = field(rng.normal(0, 0.1 * radius, 3)) * np.exp(-0.15 * bumps)
+
+    core_level = rng.uniform(0.55, 0.85)
+    necrosis_level = core_level * rng.uniform(0.6, 0.85)
+    if rng.random() < 0.3 and core_level * radius < 14:  # small cores may be solid
+        necrosis_level = 0.0
+    width = 1.5 / radius
+    we = _ramp(1.0, edema, width)
+    wc = _ramp(core_level, core, width)
+    wn = _ramp(necrosis_level, core, width) if necrosis_level else np.zeros_like(wc)
+
+    # Keep only what is connected to the centre: no scattered specks.
+    parts, _ = ndi.label(np.maximum(we, wc) > 0)
+    keep = parts == parts[tuple(centre - lo)]
+    return lo, hi, we * keep, wc * keep, wn * keep
+
+
+def _tumours(
+    rng: np.random.Generator, anatomy: Anatomy
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lesions of one case: box corner, labels and soft class weights over their union."""
+    count = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
+    lesions = []
+    for k in range(count):
+        centre = anatomy.centres[rng.integers(len(anatomy.centres))]
+        radius = rng.uniform(13, 32) if k == 0 else rng.uniform(7, 16)
+        lesions.append(_lesion(rng, anatomy, centre, radius))
+
+    lo = np.min([les[0] for les in lesions], axis=0)
+    hi = np.max([les[1] for les in lesions], axis=0)
+    weights = np.zeros((3, *(hi - lo)), dtype=np.float32)
+    for a, b, *parts in lesions:
+        sub = tuple(slice(int(i), int(j)) for i, j in zip(a - lo, b - lo, strict=True))
+        for w, part in zip(weights, parts, strict=True):
+            np.maximum(w[sub], part, out=w[sub])
+
+    # Clip to the brain and nest the classes: necrosis within core within edema.
+    union = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    weights *= anatomy.pos[union] >= 0
+    np.maximum(weights[1], weights[2], out=weights[1])
+    np.maximum(weights[0], weights[1], out=weights[0])
+
+    # Drop specks (under about 5 mm across) left by clipping to the brain.
+    parts, count = ndi.label(weights[0] >= 0.5)
+    small = np.flatnonzero(np.bincount(parts.ravel(), minlength=count + 1) < MIN_PART)
+    weights[:, np.isin(parts, small[small > 0])] = 0
+
+    we, wc, wn = weights >= 0.5
+    labels = np.where(wn, 1, np.where(wc, 4, np.where(we, 2, 0))).astype(np.uint8)
+    return lo, labels, weights
+
+
+def make_case(index: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Synthesise case `index`: int16 images keyed by modality and the uint8 BraTS seg."""
+    rng = np.random.default_rng([seed, index])
+    anatomy = _anatomy()
+
+    # Per-case contrast: global gain per modality and a small jitter per tissue.
+    gain = rng.uniform(0.85, 1.15, 4).astype(np.float32)
+    tissue = TISSUE * rng.uniform(0.95, 1.05, TISSUE.shape).astype(np.float32) * gain
+    tumour = TUMOUR * rng.uniform(0.92, 1.08, TUMOUR.shape).astype(np.float32) * gain
+    # Arrays are (feature, voxel): small @ large is fast, large @ small is not.
+    values = tissue.T @ anatomy.fractions  # (4, N)
+
+    # Blend lesion intensities in, class by class, with some texture.
+    lo, labels, weights = _tumours(rng, anatomy)
+    inside = weights[0] > 0
+    union = tuple(slice(int(a), int(a) + n) for a, n in zip(lo, labels.shape, strict=True))
+    cols = anatomy.pos[union][inside]
+    texture = 1 + 0.1 * _smooth_noise(rng, labels.shape, cell=5.0)[inside]
+    part = values[:, cols]
+    for w, target, keep in zip(weights[:, inside], tumour, KEEP, strict=True):
+        part += (1 - keep) * w * (target[:, None] * texture - part)
+    values[:, cols] = part
+
+    # Smooth multiplicative bias field, different per modality.
+    scale = np.array([0.12] * 3 + [0.08] * 6, dtype=np.float32)[:, None]
+    coef = rng.normal(0, 1, (9, 4)).astype(np.float32) * scale
+    values *= np.exp(coef.T @ anatomy.terms)
+
+    # Rician noise: magnitude of a complex signal with Gaussian noise on both channels.
+    sigma = (tissue[2] * rng.uniform(0.02, 0.04, 4))[:, None]  # 2-4 % of white matter
+    real = values + rng.standard_normal(values.shape, dtype=np.float32) * sigma
+    imag = rng.standard_normal(values.shape, dtype=np.float32) * sigma
+    values = np.sqrt(real * real + imag * imag)
+    values = np.rint(np.clip(values, 1, 32767)).astype(np.int16)
+
+    # Place the brain in the grid with a small random shift.
+    shift = np.array([rng.integers(-s, s + 1) for s in anatomy.shift])
+    flat = anatomy.flat + int(shift @ np.array([SHAPE[1] * SHAPE[2], SHAPE[2], 1]))
+    images = {}
+    for k, name in enumerate(MODALITIES):
+        image = np.zeros(SHAPE, dtype=np.int16)
+        image.ravel()[flat] = values[k]
+        images[name] = image
+    seg = np.zeros(SHAPE, dtype=np.uint8)
+    start = anatomy.origin + lo + shift
+    seg[tuple(slice(int(a), int(a) + n) for a, n in zip(start, labels.shape, strict=True))] = labels
+    return images, seg
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f"{folder.name}_{name}.nii.gz").is_file() for name in FILES)
+
+
+def _write_case(output: Path, index: int, seed: int) -> Path:
+    """Write one case into a hidden temporary folder, then rename it into place."""
+    name = case_id(index)
+    final = output / name
+    tmp = output / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    images, seg = make_case(index, seed)
+    arrays = {**images, "seg": seg}
+    for key in FILES:
+        img = nib.Nifti1Image(arrays[key], BRATS_AFFINE)
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, tmp / f"{name}_{key}.nii.gz")
+    if final.exists():  # an incomplete folder from elsewhere: replace it
+        log.warning("replacing incomplete case folder %s", final)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def write_demo(output: str | Path, cases: int, seed: int = 0, progress: bool = True) -> list[Path]:
+    """Write demo cases 1..`cases` into `output`, keeping complete existing case folders."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    folders = []
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("Synthesising BraTS demo cases", total=cases)
+        for index in range(1, cases + 1):
+            folder = output / case_id(index)
+            if _complete(folder):
+                log.debug("keeping %s", folder)
+            else:
+                start = time.perf_counter()
+                _write_case(output, index, seed)
+                log.info("wrote %s in %.2f s", folder, time.perf_counter() - start)
+            folders.append(folder)
+            bar.advance(task)
+    return folders
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``tumorseg-demo --output DIR --cases N --seed S``."""
+    parser = argparse.ArgumentParser(
+        prog="tumorseg-demo", description="Write a synthetic BraTS 2020-style demo data set."
+    )
+    parser.add_argument("--output", required=True, type=Path, help="folder for the case folders")
+    parser.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the problem
+        return int(exc.code or 0)
+
+    error = None
+    if args.cases < 1:
+        error = f"--cases must be at least 1, got {args.cases}"
+    elif args.seed < 0:
+        error = f"--seed must be non-negative, got {args.seed}"
+    elif args.output.exists() and not args.output.is_dir():
+        error = f"--output {args.output} exists and is not a folder"
+    if error:
+        print(f"tumorseg-demo: error: {error}", file=sys.stderr)
+        return 2
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    start = time.perf_counter()
+    done = sum(_complete(args.output / case_id(i)) for i in range(1, args.cases + 1))
+    try:
+        folders = write_demo(args.output, args.cases, args.seed, progress=not args.quiet)
+    except OSError as err:
+        print(f"tumorseg-demo: error: cannot write to {args.output}: {err}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - start
+    print(
+        f"{len(folders)} BraTS demo cases in {args.output} "
+        f"({len(folders) - done} written, {done} kept, {seconds:.1f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

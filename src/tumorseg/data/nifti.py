@@ -1,0 +1,97 @@
+"""Reader for BraTS case folders of NIfTI files (one file per modality plus ``seg``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from tumorseg.errors import DataError
+from tumorseg.labels import to_canonical
+
+MODALITIES = ("flair", "t1", "t1ce", "t2")
+SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass
+class Case:
+    """One patient: modalities in ``MODALITIES`` order, canonical labels (None when unlabelled)."""
+
+    case_id: str
+    image: np.ndarray  # (4, X, Y, Z) float32
+    seg: np.ndarray | None  # (X, Y, Z) uint8, canonical labels 0..3
+    affine: np.ndarray  # (4, 4)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(0)))
+
+
+def find_nifti(folder: Path, stem: str) -> Path | None:
+    """`folder/stem.nii.gz`, else `folder/stem.nii`, else None."""
+    for suffix in SUFFIXES:
+        path = folder / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def find_cases(root: str | Path) -> list[Path]:
+    """Case folders under ``root``: folders holding a ``<folder>_flair.nii[.gz]`` file, sorted."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if p.is_dir() and find_nifti(p, f"{p.name}_flair"))
+
+
+def _read(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel array and affine of a NIfTI file; any read failure becomes a DataError."""
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj, dtype=dtype)
+    except Exception as err:  # nibabel, gzip and zlib raise several types for broken files
+        raise DataError(f"{path}: cannot read NIfTI ({err})") from None
+    return data, img.affine
+
+
+def read_case(folder: str | Path, convention: str = "brats2020", with_seg: bool = True) -> Case:
+    """Read a BraTS 2020-style case folder ``ID/ID_{flair,t1,t1ce,t2,seg}.nii[.gz]``."""
+    folder = Path(folder)
+    cid = folder.name
+    arrays, affine, shape, ref = [], None, None, None
+    for mod in MODALITIES:
+        path = find_nifti(folder, f"{cid}_{mod}")
+        if path is None:
+            raise DataError(f"{folder}: missing modality {mod} ({cid}_{mod}.nii.gz)")
+        data, aff = _read(path)
+        if data.ndim != 3:
+            raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+        if not np.isfinite(data).all():
+            raise DataError(f"{path}: NaN or inf voxels")
+        if shape is None:
+            shape, affine, ref = data.shape, aff, path
+        elif data.shape != shape or not np.allclose(aff, affine, atol=1e-3):
+            raise DataError(f"{path}: shape/affine {data.shape} differs from {ref.name} {shape}")
+        arrays.append(data)
+    seg = None
+    seg_path = find_nifti(folder, f"{cid}_seg")
+    if with_seg:
+        if seg_path is None:
+            raise DataError(f"{folder}: missing segmentation {cid}_seg.nii.gz")
+        raw, _ = _read(seg_path, dtype=None)
+        if raw.shape != shape:
+            raise DataError(f"{seg_path}: shape {raw.shape} differs from {ref.name} {shape}")
+        seg = to_canonical(raw, convention, str(seg_path))
+    return Case(cid, np.stack(arrays), seg, np.asarray(affine))
+
+
+def zscore(image: np.ndarray) -> np.ndarray:
+    """Per-modality z-score over brain voxels (any modality non-zero); background stays 0."""
+    brain = (image != 0).any(0)
+    out = np.zeros_like(image, dtype=np.float32)
+    if not brain.any():
+        return out
+    for c in range(image.shape[0]):
+        values = image[c][brain]
+        out[c][brain] = (values - values.mean()) / max(float(values.std()), 1e-6)
+    return out
