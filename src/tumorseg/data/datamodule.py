@@ -42,7 +42,9 @@ def split_cases(case_ids: list[str], val: float, test: float, seed: int) -> dict
     n_test = max(1, round(n * test)) if test > 0 else 0
     n_val = max(1, round(n * val))
     if n - n_test - n_val < 1:
-        raise DataError(f"{n} cases are too few for val={val}, test={test} (need >= {n_val + n_test + 1})")
+        raise DataError(
+            f"{n} cases are too few for val={val}, test={test} (need >= {n_val + n_test + 1})"
+        )
     order = np.random.default_rng(seed).permutation(sorted(case_ids)).tolist()
     return {
         "test": sorted(order[:n_test]),
@@ -116,7 +118,9 @@ class BratsDataModule(L.LightningDataModule):
             self._manifest = {**body, "hash": digest[:16]}
         return self._manifest
 
-    def _load(self, case_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
+    def _load(
+        self, case_ids: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
         def one(cid: str) -> tuple[torch.Tensor, torch.Tensor]:
             case = read_case(self.root / cid, self.hparams.convention)
             image = torch.from_numpy(zscore(case.image)).permute(3, 0, 1, 2)  # (Z, 4, X, Y)
@@ -132,7 +136,9 @@ class BratsDataModule(L.LightningDataModule):
         labels = torch.cat([lb for (_, lb), _ in loaded])
         return images, labels, index
 
-    def _resize(self, image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _resize(
+        self, image: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.hparams.image_size
         if size is None or tuple(image.shape[-2:]) == (size, size):
             return image.contiguous(), labels.contiguous()
@@ -147,7 +153,9 @@ class BratsDataModule(L.LightningDataModule):
             if name in self.datasets or not split[name]:
                 continue
             images, labels, self.index[name] = self._load(split[name])
-            self.datasets[name] = SliceDataset(images, labels, flip=name == "train" and self.hparams.flip)
+            self.datasets[name] = SliceDataset(
+                images, labels, flip=name == "train" and self.hparams.flip
+            )
             log.info("%s: %d cases, %d slices", name, len(split[name]), len(labels))
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
@@ -170,7 +178,7 @@ class BratsDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def preview(self, n: int = 4) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
-        """Fixed validation slices: per validation case, the slice with the most tumour (first n)."""
+        """Fixed validation slices: per validation case, the slice with most tumour (first n)."""
         if "val" not in self.datasets:
             self.setup("validate")
         ds, index = self.datasets["val"], self.index["val"]
