@@ -17,8 +17,15 @@ CANONICAL = {0: "background", 1: "NCR", 2: "ED", 3: "ET"}
 CONVENTIONS: dict[str, dict[int, int]] = {
     "brats2020": {0: 0, 1: 1, 2: 2, 4: 3},  # BraTS 2017-2021: 4 = enhancing
     "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},  # BraTS 2023+ GLI: 3 = enhancing
+    # BraTS 2024 GLI (post-treatment) adds 4 = resection cavity. A cavity is not tumour, so it
+    # maps to background: it counts in none of WT/TC/ET and is lost on the way back.
+    "brats2024": {0: 0, 1: 1, 2: 2, 3: 3, 4: 0},
     "msd": {0: 0, 1: 2, 2: 1, 3: 3},  # MSD Task01: 1 edema, 2 non-enhancing, 3 enhancing
 }
+
+# Kaggle "BraTS2020 training data" h5 masks: one-hot channel k -> canonical label
+# (channel 0 necrotic/non-enhancing core = BraTS 1, 1 edema = 2, 2 enhancing = 4).
+ONE_HOT_LABELS = (1, 2, 3)
 
 # region -> canonical labels it contains (WT whole tumour, TC tumour core, ET enhancing)
 REGIONS: dict[str, tuple[int, ...]] = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}
@@ -41,9 +48,12 @@ def to_canonical(seg: np.ndarray, convention: str, source: str = "<array>") -> n
         )
     unknown = sorted(set(values.astype(np.int64).tolist()) - set(mapping))
     if unknown:
+        hint = ""
+        if convention == "brats2023" and unknown == [4]:
+            hint = "; BraTS 2024 data with resection cavity (4): use convention brats2024"
         raise LabelError(
             f"{source}: unexpected label value {unknown[0]} for {convention} "
-            f"(allowed {sorted(mapping)})"
+            f"(allowed {sorted(mapping)}{hint})"
         )
     lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
     for src, dst in mapping.items():
@@ -52,11 +62,41 @@ def to_canonical(seg: np.ndarray, convention: str, source: str = "<array>") -> n
 
 
 def from_canonical(seg: np.ndarray, convention: str) -> np.ndarray:
-    """Map canonical labels back to ``convention`` (uint8)."""
+    """Map canonical labels back to ``convention`` (uint8).
+
+    Where several source values share a canonical one (brats2024: 0 and 4 are background),
+    the first listed wins, so background maps back to 0.
+    """
     lut = np.zeros(4, dtype=np.uint8)
-    for src, dst in CONVENTIONS[convention].items():
+    for src, dst in reversed(CONVENTIONS[convention].items()):
         lut[dst] = src
     return lut[seg.astype(np.int64)]
+
+
+def from_one_hot(mask: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """Kaggle one-hot mask ``(..., 3)`` (NCR, ED, ET) -> canonical uint8 labels ``(...)``.
+
+    Raises ``LabelError`` naming ``source`` when a value is not 0/1 or a pixel has two
+    channels set (the channels are mutually exclusive).
+    """
+    if mask.shape[-1:] != (len(ONE_HOT_LABELS),):
+        raise LabelError(f"{source}: mask has shape {mask.shape}, expected (..., 3)")
+    if mask.dtype != bool and (mask.min() < 0 or mask.max() > 1):
+        bad = np.unique(mask[(mask != 0) & (mask != 1)])[:3].tolist()
+        raise LabelError(f"{source}: mask is not one-hot (values {bad}, expected 0/1)")
+    # Per-channel uint8 planes: sums over a length-3 last axis are slow in numpy.
+    planes = [mask[..., k].astype(np.uint8) for k in range(len(ONE_HOT_LABELS))]
+    count = sum(planes)
+    if count.max(initial=0) > 1:
+        where = tuple(int(i) for i in np.argwhere(count > 1)[0])
+        raise LabelError(
+            f"{source}: mask is not one-hot ({int((count > 1).sum())} pixels with "
+            f"two or more channels set, first at {where})"
+        )
+    labels = np.zeros(mask.shape[:-1], dtype=np.uint8)
+    for plane, label in zip(planes, ONE_HOT_LABELS, strict=True):
+        labels += plane * np.uint8(label)
+    return labels
 
 
 def regions_from_labels(labels: torch.Tensor) -> torch.Tensor:

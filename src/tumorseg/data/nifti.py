@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def find_cases(root: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and find_nifti(p, f"{p.name}_flair"))
 
 
-def _read(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
+def read_nifti(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Voxel array and affine of a NIfTI file; any read failure becomes a DataError."""
     try:
         img = nib.load(path)
@@ -54,16 +55,17 @@ def _read(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.n
     return data, img.affine
 
 
-def read_case(folder: str | Path, convention: str = "brats2020", with_seg: bool = True) -> Case:
-    """Read a BraTS 2020-style case folder ``ID/ID_{flair,t1,t1ce,t2,seg}.nii[.gz]``."""
-    folder = Path(folder)
-    cid = folder.name
+_read = read_nifti  # former private name
+
+
+def read_images(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack 3D modality files into ``(len(paths), X, Y, Z)`` float32 and return their affine.
+
+    Each file must be a finite 3D volume with the shape and affine of the first one.
+    """
     arrays, affine, shape, ref = [], None, None, None
-    for mod in MODALITIES:
-        path = find_nifti(folder, f"{cid}_{mod}")
-        if path is None:
-            raise DataError(f"{folder}: missing modality {mod} ({cid}_{mod}.nii.gz)")
-        data, aff = _read(path)
+    for path in paths:
+        data, aff = read_nifti(path)
         if data.ndim != 3:
             raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
         if not np.isfinite(data).all():
@@ -73,16 +75,35 @@ def read_case(folder: str | Path, convention: str = "brats2020", with_seg: bool 
         elif data.shape != shape or not np.allclose(aff, affine, atol=1e-3):
             raise DataError(f"{path}: shape/affine {data.shape} differs from {ref.name} {shape}")
         arrays.append(data)
+    return np.stack(arrays), np.asarray(affine)
+
+
+def read_seg(path: Path, shape: tuple[int, ...], ref: str, convention: str) -> np.ndarray:
+    """Canonical labels of a segmentation file (integer or integral float) of ``shape``."""
+    raw, _ = read_nifti(path, dtype=None)
+    if raw.shape != shape:
+        raise DataError(f"{path}: shape {raw.shape} differs from {ref} {shape}")
+    return to_canonical(raw, convention, str(path))
+
+
+def read_case(folder: str | Path, convention: str = "brats2020", with_seg: bool = True) -> Case:
+    """Read a BraTS 2020-style case folder ``ID/ID_{flair,t1,t1ce,t2,seg}.nii[.gz]``."""
+    folder = Path(folder)
+    cid = folder.name
+    paths = []
+    for mod in MODALITIES:
+        path = find_nifti(folder, f"{cid}_{mod}")
+        if path is None:
+            raise DataError(f"{folder}: missing modality {mod} ({cid}_{mod}.nii.gz)")
+        paths.append(path)
+    image, affine = read_images(paths)
     seg = None
-    seg_path = find_nifti(folder, f"{cid}_seg")
     if with_seg:
+        seg_path = find_nifti(folder, f"{cid}_seg")
         if seg_path is None:
             raise DataError(f"{folder}: missing segmentation {cid}_seg.nii.gz")
-        raw, _ = _read(seg_path, dtype=None)
-        if raw.shape != shape:
-            raise DataError(f"{seg_path}: shape {raw.shape} differs from {ref.name} {shape}")
-        seg = to_canonical(raw, convention, str(seg_path))
-    return Case(cid, np.stack(arrays), seg, np.asarray(affine))
+        seg = read_seg(seg_path, image.shape[1:], paths[0].name, convention)
+    return Case(cid, image, seg, affine)
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
