@@ -1,0 +1,331 @@
+"""``tumorseg-report`` on runs made by hand through ``MlflowClient`` (numbers checkable by hand)
+and on tiny training runs; bad input exits 2 and writes nothing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from scipy.stats import wilcoxon
+
+from tests.conftest import run_train
+from tumorseg import report
+from tumorseg.report import main
+
+CASES = [f"case_{i}" for i in range(1, 9)]
+# per-case Dice of unet, averaged over its two runs (run 1: x - 0.01, run 2: x + 0.01)
+UNET = {
+    "wt": [0.80, 0.82, 0.78, 0.90, 0.85, 0.70, 0.88, 0.75],
+    "tc": [0.60, 0.65, 0.70, 0.55, 0.62, 0.68, 0.72, 0.58],
+    "et": [0.50, 0.45, 0.55, 0.40, 0.52, 0.48, 0.60, 0.42],
+}
+# attention_unet minus unet per case: WT and ET differ, TC is identical (all differences zero)
+GAIN = {
+    "wt": [0.03, 0.05, -0.01, 0.02, 0.04, 0.06, 0.015, 0.07],
+    "tc": [0.0] * 8,
+    "et": [-0.02, 0.01, -0.03, -0.045, 0.005, -0.06, 0.025, -0.035],
+}
+TEST_DICE_WT = {("unet", 1): 0.80, ("unet", 2): 0.90, ("attention_unet", 1): 0.84}
+TEST_DICE_WT |= {("attention_unet", 2): 0.88, ("residual_unet", 1): 0.70}
+TEST_DICE_WT |= {("residual_unet", 2): 0.76}
+CURVES = {1: [0.1, 0.3, 0.5], 2: [0.2, 0.4, 0.6]}  # val/dice_mean per epoch, by seed
+
+
+def cases_csv(path: Path, dice: dict[str, list[float]], cases: list[str]) -> Path:
+    """A case-level CSV in ``tumorseg-evaluate``'s format."""
+    rows = [
+        {"case_id": cid, "region": region, "dice": dice[region][i], "iou": 0.5}
+        | {"accuracy": 0.99, "sensitivity": 0.9, "specificity": 0.99, "hd95": 3.0}
+        for i, cid in enumerate(cases)
+        for region in ("wt", "tc", "et")
+    ]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def run_dice(variant: str, seed: int) -> dict[str, list[float]]:
+    """Case-level Dice of one run: the per-case mean of its variant -/+ a seed offset."""
+    sign = -1 if seed == 1 else 1
+    out = {}
+    for region, base in UNET.items():
+        if variant == "unet" or region == "tc":  # TC: both variants exactly alike
+            out[region] = [x + sign * 0.01 for x in base]
+        else:
+            out[region] = [x + g + sign * 0.02 for x, g in zip(base, GAIN[region], strict=True)]
+    return out
+
+
+def make_run(
+    client: MlflowClient,
+    exp_id: str,
+    variant: str,
+    seed: int,
+    tmp: Path,
+    cases: list[str] | None = CASES,
+    status: str = "FINISHED",
+    tags: dict[str, str] | None = None,
+) -> str:
+    """A run as train.py logs it: tags, test metrics, val/dice_mean and epoch per epoch."""
+    tags = {"variant": variant, "seed": str(seed), "data_source": "demo", **(tags or {})}
+    run_id = client.create_run(exp_id, run_name=variant, tags=tags).info.run_id
+    dice_wt = TEST_DICE_WT.get((variant, seed), 0.0)
+    metrics = [Metric("test/dice_wt", dice_wt, 0, 9), Metric("test/iou_wt", dice_wt - 0.1, 0, 9)]
+    metrics += [Metric(f"test/{m}_{r}", 0.5, 0, 9) for m in ("dice", "iou") for r in ("tc", "et")]
+    if variant == "attention_unet":  # as the case-level test stage names it
+        metrics.append(Metric("test/accuracy_wt", 0.99, 0, 9))
+    for epoch, value in enumerate(CURVES[seed]):
+        step = 3 * epoch + 2
+        metrics += [Metric("val/dice_mean", value, 0, step), Metric("epoch", epoch, 0, step)]
+    client.log_batch(run_id, metrics=metrics)
+    if cases is not None:
+        folder = tmp / run_id
+        folder.mkdir()
+        path = cases_csv(folder / "test_cases.csv", run_dice(variant, seed), cases)
+        client.log_artifact(run_id, str(path), "evaluation")
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """SQLite store: experiment ``cmp`` with 6 training runs and runs the report must skip."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    artifacts = (root / "artifacts").as_uri()
+    exp = client.create_experiment("cmp", artifact_location=artifacts)
+    ids = {}
+    for variant in ("unet", "attention_unet"):
+        for seed in (1, 2):
+            ids[variant, seed] = make_run(client, exp, variant, seed, root)
+    # residual_unet: run 1 scored on 4 cases only, run 2 without the artifact
+    ids["residual_unet", 1] = make_run(client, exp, "residual_unet", 1, root, cases=CASES[:4])
+    ids["residual_unet", 2] = make_run(client, exp, "residual_unet", 2, root, cases=None)
+    # to be skipped: not finished, failed, an Optuna parent, an earlier report
+    make_run(client, exp, "unet", 1, root, status="RUNNING")
+    make_run(client, exp, "unet", 1, root, status="FAILED")
+    make_run(client, exp, "unet", 1, root, tags={"optuna_parent": "true"})
+    make_run(client, exp, "report", 1, root, cases=None, tags={"report": "true"})
+    empty = client.create_experiment("unfinished", artifact_location=artifacts)
+    make_run(client, empty, "unet", 1, root, status="RUNNING")
+    return {"uri": uri, "client": client, "exp": exp, "ids": ids, "root": root}
+
+
+@pytest.fixture(scope="module")
+def reported(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report of experiment ``cmp``, into a folder that already holds a README."""
+    out = tmp_path_factory.mktemp("report") / "cmp"
+    out.mkdir()
+    (out / "README.md").write_text("keep me\n")
+    (out / "case_dice_boxplot.png").write_text("stale")
+    assert main(["--experiment", "cmp", "--tracking-uri", store["uri"], "--output", str(out)]) == 0
+    return out
+
+
+def test_files_written_and_others_kept(reported):
+    names = {p.name for p in reported.iterdir()}
+    assert names == {"README.md", *report.FILES}
+    assert (reported / "README.md").read_text() == "keep me\n"
+    assert (reported / "case_dice_boxplot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (reported / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in reported.parent.iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_summary_mean_std_over_runs(reported):
+    summary = pd.read_csv(reported / "summary.csv").set_index("variant")
+    assert list(summary.index) == ["unet", "attention_unet", "residual_unet"]
+    assert summary["n_runs"].tolist() == [2, 2, 2]  # skipped runs do not count
+    assert summary.loc["unet", "dice_wt_mean"] == pytest.approx(0.85)
+    assert summary.loc["unet", "dice_wt_std"] == pytest.approx(math.sqrt(0.005))  # ddof 1
+    assert summary.loc["attention_unet", "dice_wt_mean"] == pytest.approx(0.86)
+    assert summary.loc["attention_unet", "iou_wt_mean"] == pytest.approx(0.76)
+    assert summary.loc["residual_unet", "dice_wt_std"] == pytest.approx(0.06 / math.sqrt(2))
+    assert summary.loc["unet", "dice_tc_std"] == 0.0
+    assert summary.loc["attention_unet", "acc_wt_mean"] == pytest.approx(0.99)
+    assert summary.loc[["unet", "residual_unet"], "acc_wt_mean"].isna().all()  # not logged
+    text = (reported / "summary.md").read_text()
+    assert "| unet | 2 | 0.850 ± 0.071 | 0.500 ± 0.000 |" in text
+    assert "| residual_unet | 2 | 0.730 ± 0.042 |" in text
+
+
+def test_summary_names_runs_without_case_results(reported, store):
+    text = (reported / "summary.md").read_text()
+    missing = store["ids"]["residual_unet", 2]
+    assert f"`{missing}` | residual_unet | 2 | – | missing: no evaluation/test_cases.csv |" in text
+    assert "1 run(s) without usable case-level results, left out of the box plot and the " in text
+    assert f"`{store['ids']['unet', 1]}` | unet | 1 | – | 24 rows |" in text
+
+
+def test_pairwise_wilcoxon_on_known_pairs(reported):
+    pairs = pd.read_csv(reported / "pairwise.csv", keep_default_na=False, na_values=[""])
+    pairs = pairs.set_index(["variant_a", "variant_b", "region"])
+    assert len(pairs) == 9  # three pairs x three regions
+    for region in ("wt", "et"):
+        row = pairs.loc[("unet", "attention_unet", region)]
+        unet = np.array(UNET[region])
+        attention = unet + np.array(GAIN[region])
+        assert row["n_cases"] == 8
+        assert row["median_diff"] == pytest.approx(np.median(GAIN[region]))
+        assert row["p_value"] == pytest.approx(wilcoxon(attention, unet).pvalue, rel=1e-9)
+    tc = pairs.loc[("unet", "attention_unet", "tc")]
+    assert math.isnan(tc["p_value"]) and tc["note"] == "all differences zero"
+    assert tc["median_diff"] == 0.0
+    few = pairs.loc[("unet", "residual_unet", "wt")]
+    assert few["n_cases"] == 4 and math.isnan(few["p_value"])
+    assert few["note"] == "fewer than 6 paired cases"
+    text = (reported / "pairwise.md").read_text()
+    p_wt = wilcoxon(np.add(UNET["wt"], GAIN["wt"]), UNET["wt"]).pvalue
+    assert f"| unet | attention_unet | WT | 8 | +0.0350 | {p_wt:.4g} |  |" in text
+
+
+def test_report_run_logged_and_skipped_next_time(reported, store, tmp_path):
+    client = store["client"]
+    runs = client.search_runs([store["exp"]], "tags.report = 'true' and params.filter = 'none'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == "report" and run.info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} == set(report.FILES)
+    # a second report does not count the first one as a training run
+    out = tmp_path / "again"
+    assert main(["--experiment", "cmp", "--tracking-uri", store["uri"], "--output", str(out)]) == 0
+    pd.testing.assert_frame_equal(
+        pd.read_csv(out / "summary.csv"), pd.read_csv(reported / "summary.csv")
+    )
+
+
+def test_filter_selects_runs(store, tmp_path):
+    out = tmp_path / "seed1"
+    args = ["--experiment", "cmp", "--tracking-uri", store["uri"], "--output", str(out)]
+    assert main([*args, "--filter", "tags.seed = '1'"]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["n_runs"].tolist() == [1, 1, 1]
+    assert summary["dice_wt_std"].isna().all()
+    assert summary["dice_wt_mean"].tolist() == pytest.approx([0.80, 0.84, 0.70])
+
+
+def test_epoch_from_lightning_steps_and_resumed_duplicates(store):
+    client = store["client"]
+    exp = client.create_experiment("history", artifact_location=(store["root"] / "h").as_uri())
+    run_id = client.create_run(exp, run_name="resumed").info.run_id
+    metrics = [
+        Metric("val/dice_mean", 0.1, 1, 2),
+        Metric("epoch", 0, 1, 2),
+        Metric("val/dice_mean", 0.2, 2, 5),  # epoch 1, then killed and logged again
+        Metric("val/dice_mean", 0.25, 3, 5),
+        Metric("epoch", 1, 2, 5),
+        Metric("val/dice_mean", 0.3, 4, 8),
+        Metric("epoch", 2, 4, 8),
+        Metric("epoch", 3, 5, 9),  # the test stage: no val metric there
+    ]
+    client.log_batch(run_id, metrics=metrics)
+    history = report.metric_history(client, run_id)
+    assert history["epoch"].tolist() == [0, 1, 2]
+    assert history["value"].tolist() == [0.1, 0.25, 0.3]
+
+
+def test_case_csv_without_dice_is_unusable(tmp_path):
+    path = tmp_path / "test_cases.csv"
+    path.write_text("case_id,region,iou\nc1,wt,0.5\n")
+    with pytest.raises(ValueError, match="missing column"):
+        report.read_case_csv(path)
+    path.write_text("case_id,region,dice\n007,WT,0.5\n007,whole,0.4\n")
+    assert report.read_case_csv(path).to_dict("records") == [
+        {"case_id": "007", "region": "wt", "dice": 0.5}
+    ]
+
+
+def test_paired_test_needs_six_cases():
+    a = pd.Series([0.5, 0.6, 0.7, 0.8, 0.9], index=list("abcde"))
+    b = pd.Series([0.6, 0.7, 0.8, 0.9, 1.0, 0.1], index=list("abcdef"))
+    out = report.paired_test(a, b)
+    assert out["n_cases"] == 5 and math.isnan(out["p_value"])
+    assert out["median_diff"] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "extra", "message"),
+    [
+        ("nope", [], "tumorseg-report: error: no experiment named 'nope' in the MLflow store"),
+        ("unfinished", [], "experiment 'unfinished' has no FINISHED training runs"),
+        ("cmp", ["--filter", "tags.seed = '7'"], "has no FINISHED training runs matching"),
+        ("cmp", ["--filter", "tags.seed ~ 1"], "cannot search runs with filter"),
+        ("cmp", ["--metric-prefix", "tset"], "no run has any tset/dice_wt"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(store, tmp_path, capsys, experiment, extra, message):
+    out = tmp_path / "out"
+    argv = ["--experiment", experiment, "--tracking-uri", store["uri"], "--output", str(out)]
+    assert main(argv + extra) == 2
+    assert message in error_line(capsys)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_missing_store_is_not_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--experiment", "cmp"]) == 2
+    line = error_line(capsys)
+    assert line == "tumorseg-report: error: MLflow store sqlite:///mlruns/mlflow.db does not exist"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    assert main(["--experiment", "cmp"]) == 2
+    assert "other.db does not exist" in error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_that_is_a_file(store, tmp_path, capsys):
+    out = tmp_path / "file.md"
+    out.write_text("x")
+    argv = ["--experiment", "cmp", "--tracking-uri", store["uri"], "--output", str(out)]
+    assert main(argv) == 2
+    assert error_line(capsys).endswith("is not a folder")
+
+
+# ---------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+def test_report_on_tiny_training_runs(tmp_path, demo_root):
+    res = run_train(
+        tmp_path,
+        "-m",
+        "model=unet,attention_unet",
+        "seed=1,2",
+        "debug=tiny",
+        f"data.root={demo_root}",
+        "experiment_name=cmp",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    out = tmp_path / "report"
+    assert main(["--experiment", "cmp", "--tracking-uri", uri, "--output", str(out)]) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["variant"].tolist() == ["unet", "attention_unet"]
+    assert summary["n_runs"].tolist() == [2, 2]
+    assert summary["dice_wt_mean"].between(0, 1).all() and summary["acc_et_mean"].notna().all()
+    curves = report.learning_curves(MlflowClient(uri), report.runs_frame(runs_of(uri), "test"))
+    assert sorted(curves["epoch"].unique()) == [0, 1]  # debug=tiny: two epochs
+    assert len(curves) == 8
+    assert (out / "learning_curves.png").stat().st_size > 0
+    pairs = pd.read_csv(out / "pairwise.csv")
+    assert len(pairs) == 3 and pairs["p_value"].isna().all()  # one test case: no p-value
+
+
+def runs_of(uri: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cmp")
+    return [r for r in client.search_runs([exp.experiment_id]) if report.is_training_run(r)]
