@@ -1,0 +1,75 @@
+"""Structured config of the ``tumorseg_optuna`` sweeper, registered with Hydra's ConfigStore.
+
+Select it with ``defaults: [override /hydra/sweeper: tumorseg_optuna]``. Samplers and pruners
+are plain ``_target_`` dicts; the groups ``hydra/sweeper/sampler`` (tpe, random, cmaes) and
+``hydra/sweeper/pruner`` (median, hyperband, threshold, nop) swap them whole.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+SAMPLERS: dict[str, dict[str, Any]] = {
+    "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": 42},
+    "random": {"_target_": "optuna.samplers.RandomSampler", "seed": 42},
+    "cmaes": {"_target_": "optuna.samplers.CmaEsSampler", "seed": 42},  # needs `pip install cmaes`
+}
+PRUNERS: dict[str, dict[str, Any]] = {
+    "median": {
+        "_target_": "optuna.pruners.MedianPruner",
+        "n_startup_trials": 5,
+        "n_warmup_steps": 1,
+    },
+    "hyperband": {
+        "_target_": "optuna.pruners.HyperbandPruner",
+        "min_resource": 1,
+        "max_resource": "auto",
+        "reduction_factor": 3,
+    },
+    "threshold": {"_target_": "optuna.pruners.ThresholdPruner", "lower": 0.05},
+    "nop": {"_target_": "optuna.pruners.NopPruner"},
+}
+
+
+@dataclass
+class OptunaSweeperConf:
+    """``hydra.sweeper``: an Optuna study whose trials are Hydra jobs."""
+
+    _target_: str = "hydra_plugins.tumorseg_optuna_sweeper.sweeper.OptunaSweeper"
+    _recursive_: bool = False  # sampler and pruner reach the sweeper as configs, not objects
+    # _self_ first: the sampler and pruner options fill the null fields below
+    defaults: list[Any] = field(
+        default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "median"}]
+    )
+    # search space in Hydra's override grammar: choice(...), range(...), interval(a,b),
+    # tag(log, interval(a,b)), tag(int, interval(a,b)), a,b,c; plain values are fixed overrides
+    params: dict[str, Any] | None = None
+    direction: str = "maximize"  # of the job's return value
+    n_trials: int = 20  # trials in the study in all (finished + running), not per run
+    n_jobs: int = 1  # trials run at once by this sweeper, each in its own process when > 1
+    storage: str | None = None  # RDB URL (sqlite:///..., postgresql://...); null: in memory
+    study_name: str | None = None
+    sampler: Any = None
+    pruner: Any = None
+    monitor: str = "val/dice_mean"  # metric the pruning callback reports each epoch
+    # added to every job as ++<callback_key>={_target_: <callback>, ...}; null: no pruning
+    callback: str | None = "tumorseg.sweep.OptunaPruning"
+    callback_key: str = "callbacks.optuna_pruning"
+    tags_key: str | None = "tags"  # job config dict of MLflow tags; gets optuna_study/trial
+    mlflow: bool = True  # parent run per study, optuna_state tags, plots (needs logger.mlflow)
+
+
+def register() -> None:
+    """Store the sweeper, sampler and pruner configs (provider ``tumorseg``)."""
+    cs = ConfigStore.instance()
+    cs.store(
+        group="hydra/sweeper", name="tumorseg_optuna", node=OptunaSweeperConf, provider="tumorseg"
+    )
+    for name, node in SAMPLERS.items():
+        cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="tumorseg")
+    for name, node in PRUNERS.items():
+        cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="tumorseg")
+
+
+register()

@@ -1,0 +1,335 @@
+"""Optuna trials as training runs: the pruning callback each trial's job runs, and MLflow grouping.
+
+The ``tumorseg_optuna`` Hydra sweeper (``src/hydra_plugins/tumorseg_optuna_sweeper``) adds
+:class:`OptunaPruning` to every job as ``callbacks.optuna_pruning``. With an RDB storage the
+callback reloads the study from the storage, so it works in whatever process runs the job. With
+in-memory storage (``storage: null``) it finds the trial in :data:`LIVE_TRIALS`, which the
+sweeper fills: pruning then works only for jobs run in the sweeper's own process (``n_jobs=1``).
+
+:class:`StudyRuns` keeps a study's MLflow runs together: one parent run per study (tags
+``optuna_study``, ``optuna_parent=true``, run name ``study:<name>``) with the best trial and
+Optuna's plots, and an ``optuna_state`` tag on every trial run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import optuna
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
+
+from tumorseg.tracking import default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+# in-memory studies only: (study name, trial number) -> the sweeper's live trial
+LIVE_TRIALS: dict[tuple[str, int], optuna.Trial] = {}
+
+
+def sqlite_path(url: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` URL, else None."""
+    if not url or not url.startswith("sqlite:"):
+        return None
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def absolute_url(url: str | None) -> str | None:
+    """A relative ``sqlite:///`` URL made absolute, so every job finds the same file."""
+    path = sqlite_path(url)
+    if path is None or path.is_absolute():
+        return url
+    return make_url(url).set(database=str(path.resolve())).render_as_string(hide_password=False)
+
+
+def open_storage(url: str | None) -> optuna.storages.RDBStorage | None:
+    """RDB storage for ``url`` (None: in memory). SQLite waits up to 60 s for a locked file."""
+    if not url:
+        return None
+    engine_kwargs: dict[str, Any] = {}
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def storage_label(url: str | None, sweep_dir: str) -> str:
+    """Storage URL without its password; in-memory studies are one per sweep folder."""
+    if not url:
+        return f"memory:{sweep_dir}"
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def find_trial(
+    study_name: str,
+    number: int,
+    storage: str | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Trial | None:
+    """Trial ``number`` of a study: reloaded from ``storage``, or the sweeper's in-memory one."""
+    if not storage:
+        trial = LIVE_TRIALS.get((study_name, number))
+        if trial is None:
+            log.warning(
+                "in-memory study %s: trial %d is not in this process, no pruning",
+                study_name,
+                number,
+            )
+        return trial
+    study = optuna.load_study(
+        study_name=study_name,
+        storage=open_storage(storage),
+        sampler=optuna.samplers.RandomSampler(),  # never samples here; cheapest to build
+        pruner=pruner,
+    )
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    return optuna.Trial(study, trial_id)
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` with characters MLflow refuses in keys replaced by ``_``."""
+    return re.sub(r"[^\w.\-/ ]", "_", name)
+
+
+class OptunaPruning(L.Callback):
+    """Reports ``monitor`` to the Optuna trial after every validation; raises
+    :class:`optuna.TrialPruned` when the study's pruner says so.
+
+    At fit start it also nests the MLflow run under the study's parent run
+    (``mlflow.parentRunId``), logs the sampled values as ``optuna.<name>`` params and records
+    the run id on the trial (user attr ``mlflow_run_id``).
+    """
+
+    def __init__(
+        self,
+        study_name: str,
+        trial_number: int,
+        storage: str | None = None,
+        pruner: optuna.pruners.BasePruner | None = None,
+        monitor: str = "val/dice_mean",
+        parent_run_id: str | None = None,
+    ) -> None:
+        self.study_name = study_name
+        self.trial_number = int(trial_number)
+        self.storage = storage
+        self.pruner = pruner
+        self.monitor = monitor
+        self.parent_run_id = parent_run_id
+        self._trial: optuna.Trial | None = None
+        self._looked_up = False
+
+    def trial(self) -> optuna.Trial | None:
+        """The trial this run belongs to (looked up once)."""
+        if not self._looked_up:
+            self._looked_up = True
+            self._trial = find_trial(self.study_name, self.trial_number, self.storage, self.pruner)
+        return self._trial
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trial = self.trial()
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        if logger is None:
+            return
+        if self.parent_run_id:
+            logger.experiment.set_tag(logger.run_id, "mlflow.parentRunId", self.parent_run_id)
+        if trial is not None:
+            logger.log_hyperparams({f"optuna.{mlflow_key(k)}": v for k, v in trial.params.items()})
+            trial.set_user_attr("mlflow_run_id", logger.run_id)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value, epoch, prune = float(value), trainer.current_epoch, False
+        trial = self.trial() if trainer.is_global_zero else None
+        if trial is not None:
+            trial.report(value, epoch)
+            prune = trial.should_prune()
+        if trainer.world_size > 1:  # every rank stops, or none
+            prune = trainer.strategy.broadcast(prune, src=0)
+        if prune:
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.monitor}={value:.4f}")
+
+
+def tracking_target(mlflow_cfg: Mapping[str, Any]) -> tuple[str, str | None]:
+    """Tracking URI and new-experiment artifact location, as ``make_mlflow_logger`` picks them."""
+    explicit = mlflow_cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        return explicit, None
+    mlruns = Path(mlflow_cfg["mlruns_dir"])
+    mlruns.mkdir(parents=True, exist_ok=True)
+    return default_tracking_uri(mlruns), (mlruns.resolve() / "artifacts").as_uri()
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Id of experiment ``name``, created when missing (another process may just have)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@dataclass
+class StudyRuns:
+    """The MLflow side of one study: its parent run and the ``optuna_state`` of trial runs."""
+
+    client: MlflowClient
+    experiment_id: str
+    study_name: str
+    storage: str  # storage_label(): which study of that name
+    parent_id: str = ""
+
+    @classmethod
+    def open(cls, mlflow_cfg: Mapping[str, Any], study_name: str, storage: str) -> StudyRuns:
+        """Connect as the training runs do and find (or start) the study's parent run."""
+        uri, artifacts = tracking_target(mlflow_cfg)
+        client = MlflowClient(tracking_uri=uri)
+        exp = experiment_id(client, mlflow_cfg["experiment_name"], artifacts)
+        runs = cls(client, exp, study_name, storage)
+        runs.parent_id = runs._parent()
+        return runs
+
+    def _search(self, query: str, order: str = "ASC") -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.optuna_study = '{self.study_name}' AND {query}",
+            order_by=[f"attributes.start_time {order}"],
+        )
+
+    def _parent(self) -> str:
+        query = f"tags.optuna_parent = 'true' AND tags.optuna_storage = '{self.storage}'"
+        found = self._search(query)
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        tags = {"optuna_study": self.study_name, "optuna_parent": "true"}
+        own = self.client.create_run(
+            self.experiment_id,
+            run_name=f"study:{self.study_name}",
+            tags={**tags, "optuna_storage": self.storage},
+        ).info.run_id
+        first = self._search(query)[0].info.run_id  # a worker elsewhere may have made one too
+        if first != own:
+            self.client.delete_run(own)
+        return first
+
+    def mark(self, number: int, state: TrialState) -> None:
+        """Tag trial ``number``'s run ``optuna_state``; pruned runs end KILLED, not FAILED."""
+        found = self._search(f"tags.optuna_trial = '{number}'", order="DESC")
+        nested = [r for r in found if r.data.tags.get("mlflow.parentRunId") == self.parent_id]
+        run = (nested or found or [None])[0]
+        if run is None:
+            log.info("trial %d has no MLflow run (it failed before training)", number)
+            return
+        self.client.set_tag(run.info.run_id, "optuna_state", state.name)
+        if state == TrialState.PRUNED:
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+        elif run.info.status == "RUNNING":  # the job died without closing its run
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+
+    def summarize(self, study: optuna.Study) -> None:
+        """Counts, best trial and plots into the parent run, which then ends FINISHED."""
+        trials = study.get_trials(deepcopy=False)
+        counts = Counter(t.state.name for t in trials)
+        step = sum(counts[s] for s in ("COMPLETE", "PRUNED", "FAIL"))
+        parent = self.parent_id
+        for state in ("COMPLETE", "PRUNED", "FAIL"):
+            self.client.log_metric(parent, f"n_{state.lower()}", counts[state], step=step)
+        self.client.set_tag(parent, "optuna_sampler", type(study.sampler).__name__)
+        self.client.set_tag(parent, "optuna_pruner", type(study.pruner).__name__)
+        self.client.set_tag(parent, "optuna_direction", study.direction.name.lower())
+        if counts["COMPLETE"]:
+            best = study.best_trial
+            self.client.log_metric(parent, "best_value", best.value, step=step)
+            self.client.log_metric(parent, "best_trial", best.number, step=step)
+            self.client.set_tag(parent, "best_trial", str(best.number))
+            for name, value in best.params.items():  # params cannot change: the best ones can
+                self.client.set_tag(parent, f"best.{mlflow_key(name)}", str(value))
+            summary = {"number": best.number, "value": best.value, "params": best.params}
+            self.client.log_dict(parent, summary, "best_trial.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in study_plots(study, Path(tmp)):
+                self.client.log_artifact(parent, str(path), "plots")
+        self.client.set_terminated(parent, status="FINISHED")
+
+
+def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
+    """Optuna's matplotlib plots as PNGs: optimization history, parallel coordinates and, with
+    at least two completed trials over more than one param, param importances."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return []
+    plots = {
+        "optimization_history": ovm.plot_optimization_history,
+        "parallel_coordinate": ovm.plot_parallel_coordinate,
+    }
+    if len(complete) >= 2 and len({k for t in complete for k in t.params}) > 1:
+        plots["param_importances"] = ovm.plot_param_importances
+    paths = []
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ExperimentalWarning and friends
+                axes = plot(study)
+        except Exception as err:  # a plot is a bonus: never fail the sweep over one
+            log.warning("plot %s skipped: %s", name, err)
+            continue
+        fig = getattr(axes, "figure", None) or axes.flat[0].figure
+        paths.append(out_dir / f"{name}.png")
+        fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    return paths
+
+
+def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """Number, state, value, params and (for FAIL) the reason of one trial."""
+    out = {"number": trial.number, "state": trial.state.name, "value": trial.value}
+    out["params"] = trial.params
+    if "fail_reason" in trial.user_attrs:
+        out["fail_reason"] = trial.user_attrs["fail_reason"]
+    return out
+
+
+def results(study: optuna.Study, storage: str) -> dict[str, Any]:
+    """The study in a few plain fields, for ``optimization_results.yaml`` in the sweep folder."""
+    trials = study.get_trials(deepcopy=False)
+    out: dict[str, Any] = {
+        "study_name": study.study_name,
+        "storage": storage,
+        "direction": study.direction.name.lower(),
+        "states": dict(Counter(t.state.name for t in trials)),
+        "trials": [trial_summary(t) for t in trials],
+    }
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        best = study.best_trial
+        out |= {"best_trial": best.number, "best_value": best.value, "best_params": best.params}
+    return json.loads(json.dumps(out, default=str))  # plain types only, for YAML
