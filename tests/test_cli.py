@@ -65,6 +65,8 @@ def test_multirun_three_variants_logged_to_mlflow(tmp_path, demo_root):
         assert len(client.get_metric_history(r.info.run_id, "val/dice_mean")) == 2
         files = artifact_paths(client, r.info.run_id)
         assert {"config.yaml", "data_manifest.json", "val_preview.png"} <= files
+        assert {"evaluation/test_cases.csv", "evaluation/test_cases_summary.csv"} <= files
+        assert any(f.startswith("evaluation/overlays/") for f in files)
         assert any(f.startswith("checkpoints/epoch_") and f.endswith(".ckpt") for f in files)
 
 

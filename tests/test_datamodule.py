@@ -6,6 +6,7 @@ import pytest
 
 from tumorseg.data.datamodule import BratsDataModule, split_cases
 from tumorseg.data.nifti import DataError, read_case, zscore
+from tumorseg.data.store import is_complete
 
 
 def test_split_is_by_patient_and_seeded():
@@ -30,7 +31,8 @@ def test_datamodule_serves_slices_of_disjoint_cases(demo_root):
         test_fraction=0.25,
         min_brain_fraction=0.3,
     )
-    dm.prepare_data()
+    dm.prepare_data()  # demo -> slice store in the cache beside it
+    assert is_complete(dm.store_path()) and dm.store_path().parent == demo_root.parent / "cache"
     dm.setup("fit")
     dm.setup("test")
     cases = {k: {c for c, _ in dm.index[k]} for k in ("train", "val", "test")}
@@ -38,16 +40,25 @@ def test_datamodule_serves_slices_of_disjoint_cases(demo_root):
     assert not (cases["train"] & cases["val"]) and not (cases["train"] & cases["test"])
     image, labels = next(iter(dm.train_dataloader()))
     assert image.shape == (4, 4, 64, 64) and labels.shape == (4, 64, 64)
-    assert set(np.unique(dm.datasets["train"].labels.numpy())) <= {0, 1, 2, 3}
-    assert (dm.datasets["train"].labels == 3).any()  # 4 -> 3 (canonical ET)
-    same = BratsDataModule(str(demo_root), val_fraction=0.25, test_fraction=0.25)
+    store = dm.store
+    train_labels = store.labels[dm.datasets["train"].rows]
+    assert set(np.unique(train_labels)) <= {0, 1, 2, 3}
+    assert (train_labels == 3).any()  # 4 -> 3 (canonical ET)
+    brain = store.slices["brain"][dm.datasets["train"].rows]
+    assert (brain >= 0.3 * 240 * 240).all()  # min_brain_fraction applies
+    same = BratsDataModule(str(demo_root), demo_cases=4, val_fraction=0.25, test_fraction=0.25)
     assert len(dm.manifest()["cases"]) == 4
-    other = BratsDataModule(str(demo_root), val_fraction=0.25, test_fraction=0.25, split_seed=3)
+    other = BratsDataModule(
+        str(demo_root), demo_cases=4, val_fraction=0.25, test_fraction=0.25, split_seed=3
+    )
     assert dm.manifest()["hash"] == same.manifest()["hash"]
     assert dm.manifest()["split"] != other.manifest()["split"]
     assert dm.manifest()["hash"] != other.manifest()["hash"]  # the split is part of the identity
     image, labels, index = dm.preview(2)
     assert len(index) == 1 and (labels > 0).any()  # one val case -> one slice, with tumour
+    ((cid, volume, seg),) = dm.test_cases()
+    assert volume.shape == (155, 4, 240, 240) and seg.shape == (155, 240, 240)
+    assert cid in cases["test"] and (seg == 3).any()
 
 
 def test_zscore_over_brain_only():
@@ -89,5 +100,5 @@ def test_empty_or_missing_data_dir(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         BratsDataModule(str(tmp_path / "missing"), source="brats").prepare_data()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty: no BraTS case folders"):
+    with pytest.raises(DataError, match="empty: empty directory"):
         BratsDataModule(str(tmp_path / "empty"), source="brats").prepare_data()

@@ -108,11 +108,12 @@ class SegModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
+    # trainer.test gives pooled slice metrics (test_slice/*); train.py's test stage is per case
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test_slice")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self._eval_epoch_end("test_slice")
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_fn(self.parameters())

@@ -46,6 +46,22 @@ def _sweep_tags() -> dict[str, str]:
     return {"sweep": hc.sweep.dir, "sweep_job": str(hc.job.num)}
 
 
+def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
+    """Predict the test cases volume by volume with the best checkpoint; log case-level scores."""
+    from itertools import islice
+
+    from tumorseg.case_eval import test_stage
+    from tumorseg.predict import load_for_inference
+
+    ckpt = trainer.checkpoint_callback
+    best_path = ckpt.best_model_path if ckpt is not None else ""
+    module = load_for_inference(best_path, model.device) if best_path else model
+    overlays = islice(datamodule.iter_cases("val"), cfg.get("overlay_cases", 2))
+    means = test_stage(module, datamodule.iter_cases("test"), overlays, logger, trainer.global_step)
+    log.info("test (case-level): %s", {k: round(v, 4) for k, v in means.items() if "dice" in k})
+    return means
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as ``cfg`` says; returns the best ``val/dice_mean``."""
     import lightning as L
@@ -91,11 +107,8 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-    if cfg.get("test") and not trainer.fast_dev_run:
-        best_path = (
-            trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        )
-        trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None)
+    if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
+        run_test_stage(cfg, trainer, model, datamodule, logger)
     if best is None:
         best = trainer.callback_metrics.get("val/dice_mean")
     return float(best) if best is not None else None

@@ -1,77 +1,268 @@
-"""LightningDataModule serving axial BraTS slices, split by patient."""
+"""LightningDataModule serving axial BraTS slices from a packed slice store, split by patient.
+
+``root`` is a raw data set (Kaggle h5, BraTS NIfTI folders, MSD Task01; the demo set is
+generated there first) or a store made by ``tumorseg-prepare``. A raw source is prepared once
+into a cached store (``prepare_data``, rank 0 only), then every split is served from the
+memory-mapped arrays: batches are read in one go, converted to float32, resized to
+``image_size`` and, for training, augmented (``tumorseg.data.transforms``).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from tumorseg.data.nifti import DataError, find_cases, read_case, zscore
+from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.data.store import (
+    MANIFEST,
+    SPLITS_FILE,
+    Store,
+    is_complete,
+    open_store,
+    read_json,
+    write_json,
+)
+from tumorseg.data.transforms import Augment
+from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+SKIP_EMPTY = ("none", "brain", "tumour")
 
 
-class SliceDataset(Dataset):
-    """In-memory slices: ``image (4, H, W)`` float32 and canonical ``labels (H, W)`` uint8."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, flip: bool = False) -> None:
-        self.images, self.labels, self.flip = images, labels, flip
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.images[i], self.labels[i]
-        if self.flip and torch.rand(()) < 0.5:
-            image, labels = image.flip(-1), labels.flip(-1)
-        return image, labels
+# ---------------------------------------------------------------- splits
 
 
-def split_cases(case_ids: list[str], val: float, test: float, seed: int) -> dict[str, list[str]]:
-    """Seeded split of patients into train/val/test; every case lands in exactly one split."""
+def split_cases(
+    case_ids: Sequence[str],
+    val: float,
+    test: float,
+    seed: int,
+    fold: int | None = None,
+    folds: int = 5,
+) -> dict[str, list[str]]:
+    """Seeded split of patients into train/val/test; every case lands in exactly one split.
+
+    The test cases are drawn first. Without ``fold``, ``val`` of the cases go to validation;
+    with ``fold = k``, the other cases are dealt into ``folds`` folds and fold ``k`` validates.
+    """
     n = len(case_ids)
     n_test = max(1, round(n * test)) if test > 0 else 0
-    n_val = max(1, round(n * val))
-    if n - n_test - n_val < 1:
-        raise DataError(
-            f"{n} cases are too few for val={val}, test={test} (need >= {n_val + n_test + 1})"
-        )
     order = np.random.default_rng(seed).permutation(sorted(case_ids)).tolist()
-    return {
-        "test": sorted(order[:n_test]),
-        "val": sorted(order[n_test : n_test + n_val]),
-        "train": sorted(order[n_test + n_val :]),
-    }
+    test_ids, rest = order[:n_test], order[n_test:]
+    if fold is None:
+        n_val = max(1, round(n * val))
+        if n - n_test - n_val < 1:
+            raise DataError(
+                f"{n} cases are too few for val={val}, test={test} (need >= {n_val + n_test + 1})"
+            )
+        val_ids, train_ids = rest[:n_val], rest[n_val:]
+    else:
+        if folds < 2 or not 0 <= fold < folds:
+            raise DataError(f"fold must be in 0..{folds - 1} with folds >= 2, got {fold}/{folds}")
+        if len(rest) < folds:
+            raise DataError(f"{n} cases are too few for {folds} folds after test={test}")
+        parts = [p.tolist() for p in np.array_split(np.array(rest, dtype=object), folds)]
+        val_ids = parts[fold]
+        train_ids = [c for k, p in enumerate(parts) if k != fold for c in p]
+    return {"test": sorted(test_ids), "val": sorted(val_ids), "train": sorted(train_ids)}
+
+
+def kfold_cases(
+    case_ids: Sequence[str], test: float, seed: int, folds: int
+) -> dict[str, list[Any]]:
+    """The held-out test cases and the ``folds`` validation folds of the rest."""
+    parts = [split_cases(case_ids, 0.0, test, seed, k, folds)["val"] for k in range(folds)]
+    return {"test": split_cases(case_ids, 0.0, test, seed, 0, folds)["test"], "folds": parts}
+
+
+# ---------------------------------------------------------------- serving
+
+
+def resize_batch(
+    image: torch.Tensor, labels: torch.Tensor, size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Area-resize ``image (N, C, H, W)`` and nearest-resize ``labels (N, H, W)`` to ``size``."""
+    if size is None or tuple(image.shape[-2:]) == (size, size):
+        return image, labels
+    image = F.interpolate(image, size=(size, size), mode="area")
+    h, w = labels.shape[-2:]
+    # nearest-exact: output pixel i takes input floor((i + 0.5) * in / out)
+    rows = ((torch.arange(size) + 0.5) * h / size).long()
+    cols = ((torch.arange(size) + 0.5) * w / size).long()
+    return image, labels[:, rows][:, :, cols]
+
+
+def keep_batch(batch: Any) -> Any:
+    """collate_fn for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+class StoreSlices(Dataset):
+    """Rows ``rows`` of a slice store as ``(image (C, H, W) float32, labels (H, W) uint8)``.
+
+    ``__getitems__`` (used by DataLoader's batched fetch) reads a whole batch from the memory
+    map in one indexing call and returns it already stacked: use ``collate_fn=keep_batch``.
+    The arrays are mapped lazily in each process, so the dataset pickles cheaply to workers.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        rows: np.ndarray,
+        image_size: int | None = None,
+        transform: Any = None,
+    ) -> None:
+        self.root, self.rows = Path(root), np.asarray(rows, dtype=np.int64)
+        self.image_size, self.transform = image_size, transform
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            store = open_store(self.root)
+            self._arrays = (store.images, store.labels)
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked, resized (not augmented) slices of dataset items ``items``, sorted by row."""
+        images, labels = self.arrays()
+        rows = np.sort(self.rows[np.asarray(items, dtype=np.int64)])
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # consecutive: one slice read
+            part = slice(rows[0], rows[-1] + 1)
+            image, label = np.array(images[part]), np.array(labels[part])
+        else:  # fancy indexing copies already
+            image, label = images[rows], labels[rows]
+        # torch converts float16 to float32 much faster than numpy
+        image = torch.from_numpy(image).float()
+        return resize_batch(image, torch.from_numpy(label), self.image_size)
+
+    def __getitems__(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.read(items)
+        if self.transform is not None:
+            image, labels = self.transform(image, labels)
+        return image, labels
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.__getitems__([i])
+        return image[0], labels[0]
+
+
+class ForegroundSampler(Sampler[int]):
+    """Epochs of ``len(foreground)`` items, a ``ratio`` of them drawn from items with tumour.
+
+    Each pool is drawn without replacement while it lasts (reshuffled when used up); the
+    epoch's order is shuffled. Seeds come from torch's global generator.
+    """
+
+    def __init__(self, foreground: np.ndarray, ratio: float) -> None:
+        self.fg = np.flatnonzero(foreground)
+        self.bg = np.flatnonzero(~np.asarray(foreground, dtype=bool))
+        self.ratio, self.n = ratio, len(foreground)
+        if not len(self.fg) and ratio > 0:
+            raise DataError("foreground_ratio > 0 but no training slice holds tumour")
+        if not len(self.bg) and ratio < 1:
+            log.warning("every training slice holds tumour: foreground_ratio has no effect")
+            self.ratio = 1.0
+
+    def __len__(self) -> int:
+        return self.n
+
+    @staticmethod
+    def _draw(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
+        reps = -(-k // len(pool)) if k else 0
+        return np.concatenate([rng.permutation(pool) for _ in range(reps)] or [pool[:0]])[:k]
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        n_fg = round(self.ratio * self.n)
+        picks = np.concatenate(
+            [self._draw(rng, self.fg, n_fg), self._draw(rng, self.bg, self.n - n_fg)]
+        )
+        return iter(rng.permutation(picks).tolist())
+
+
+def _skip_mode(value: Any) -> str:
+    if value is True:
+        return "brain"
+    if value in (False, None):
+        return "none"
+    if value not in SKIP_EMPTY:
+        raise DataError(f"skip_empty must be one of {', '.join(SKIP_EMPTY)}, got {value!r}")
+    return value
+
+
+def _augment(augment: Any, flip: bool) -> Augment | None:
+    """The training transform: ``augment`` (a dict of ``Augment`` fields, or False for none),
+    else flips only (``flip``: the W flip of earlier versions)."""
+    if augment is False or (augment is None and not flip):
+        return None
+    if augment is None or augment is True:
+        return Augment()
+    fields = dict(augment)
+    if not flip:
+        fields.update(flip_x=0.0, flip_y=0.0)
+    return Augment(**fields)
+
+
+# ---------------------------------------------------------------- the DataModule
 
 
 class BratsDataModule(L.LightningDataModule):
-    """Axial slices of BraTS NIfTI case folders, z-scored per volume, resized to ``image_size``.
+    """Axial slices of a BraTS data set, z-scored per volume, resized to ``image_size``.
 
     Args:
-        root: folder of case folders (``BraTS20_Training_001/...``).
-        source: ``demo`` (generated into ``root`` when it holds no case) or ``brats``.
-        convention: label convention of the seg files (``brats2020`` 0/1/2/4).
+        root: raw data set folder (``format``) or a prepared slice store.
+        source: ``demo`` (generated into ``root`` when missing) or the data set's name
+            (``brats``, ``brats_h5``, ``msd``; an MLflow tag).
+        format: ``auto``, ``kaggle-h5``, ``brats`` or ``msd`` (for a raw ``root``).
+        cache_dir: store of a raw ``root``; None: ``cache_root/<root name>-<hash of the
+            resolved root and the prepare options>``.
+        cache_root: folder of cached stores (None: ``cache`` beside ``root``).
+        dtype, crop, channel_order, convention, prepare_workers, skip_bad: prepare options
+            (see ``tumorseg-prepare``).
         demo_cases, demo_seed: size and seed of the generated demo set.
-        image_size: slices are resized to this square size (None keeps the native 240).
-        min_brain_fraction: slices with less brain than this fraction of pixels are skipped.
-        val_fraction, test_fraction, split_seed: patient-level split.
-        flip: random left-right flips of training slices.
+        image_size: slices are resized to this square size per batch (None: store size).
+        val_fraction, test_fraction, split_seed: patient-level split, test drawn first.
+        fold, folds: k-fold cross-validation of the non-test cases (``fold`` None: plain split).
+        skip_empty: ``none``, ``brain`` (drop slices with less than ``min_brain_fraction``
+            brain, every split) or ``tumour`` (also drop training slices without tumour).
+        foreground_ratio: fraction of training samples drawn from slices with tumour (None:
+            uniform shuffling).
+        augment: ``Augment`` fields for training batches; None: flips only; False: none.
+        augment_on_device: augment after the batch is on the training device (GPU: nearly
+            free, and the loader only reads) instead of in the loader.
+        flip: False turns the flips off.
     """
 
     def __init__(
         self,
         root: str,
         source: str = "demo",
-        convention: str = "brats2020",
+        format: str = "auto",
+        cache_dir: str | None = None,
+        cache_root: str | None = None,
+        dtype: str = "float16",
+        crop: int | None = None,
+        channel_order: Sequence[str] = MODALITIES,
+        convention: str | None = None,
+        prepare_workers: int = 1,
+        skip_bad: bool = False,
         demo_cases: int = 20,
         demo_seed: int = 0,
         image_size: int | None = 128,
@@ -80,71 +271,198 @@ class BratsDataModule(L.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
+        fold: int | None = None,
+        folds: int = 5,
         min_brain_fraction: float = 0.02,
+        skip_empty: str | bool = "brain",
+        foreground_ratio: float | None = None,
+        augment: dict | bool | None = None,
+        augment_on_device: bool = False,
         flip: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
-        self.datasets: dict[str, SliceDataset] = {}
+        self.skip_empty = _skip_mode(skip_empty)
+        if foreground_ratio is not None and not 0 <= foreground_ratio <= 1:
+            raise DataError(f"foreground_ratio must be in [0, 1], got {foreground_ratio}")
+        self.augment = _augment(augment, flip)
+        self.datasets: dict[str, StoreSlices] = {}
         self.index: dict[str, list[tuple[str, int]]] = {}
+        self._store: Store | None = None
+        self._split: dict[str, list[str]] | None = None
         self._manifest: dict | None = None
 
+    # ------------------------------------------------------------ the store
+
+    def _prepare_options(self) -> dict:
+        h = self.hparams
+        fmt = h.format
+        if fmt == "auto" and self.root.is_dir():  # the same cache for auto and its answer
+            from tumorseg.data.readers import detect_format
+
+            fmt = detect_format(self.root)
+        return {
+            "format": fmt,
+            "dtype": h.dtype,
+            "crop": h.crop,
+            "channel_order": list(h.channel_order),
+            "convention": h.convention,
+        }
+
+    def store_path(self) -> Path:
+        """The store served: ``root`` itself when it is one, else the cached store."""
+        if is_complete(self.root):
+            return self.root
+        if self.hparams.cache_dir:
+            return Path(self.hparams.cache_dir)
+        key = {"source": str(self.root.resolve()), **self._prepare_options()}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        parent = Path(self.hparams.cache_root) if self.hparams.cache_root else None
+        return (parent or self.root.parent / "cache") / f"{self.root.name}-{digest}"
+
+    def _stale(self, path: Path) -> bool:
+        """True when the raw source's cases differ from those the store was made from."""
+        from tumorseg.data import readers
+
+        h = self.hparams
+        refs = readers.list_cases(
+            self.root,
+            h.format,
+            True,
+            tuple(h.channel_order),
+            skip_bad=h.skip_bad,
+            convention=h.convention,
+        )
+        manifest = read_json(path / MANIFEST)
+        ids = {r.case_id for r in refs}
+        skipped = {s["id"] for s in manifest["skipped"]} & ids
+        stored = {c["id"] for c in manifest["cases"]} | skipped
+        if ids != stored:
+            log.warning("%s changed since %s was prepared: preparing again", self.root, path)
+        return ids != stored
+
     def prepare_data(self) -> None:
-        if self.hparams.source == "demo":
+        """Generate the demo set if asked, then prepare a raw ``root`` into its cached store."""
+        from tumorseg.data.prepare import prepare
+
+        h = self.hparams
+        if h.source == "demo":
             from tumorseg.data.demo import write_demo
 
             # writes only the missing cases, so an interrupted generation resumes
-            write_demo(self.root, self.hparams.demo_cases, self.hparams.demo_seed)
+            write_demo(self.root, h.demo_cases, h.demo_seed)
+        if is_complete(self.root):
+            return
         if not self.root.is_dir():
             raise DataError(f"{self.root}: data directory does not exist")
-        if not find_cases(self.root):
-            raise DataError(f"{self.root}: no BraTS case folders (ID/ID_flair.nii.gz ...) found")
+        path = self.store_path()
+        force = is_complete(path) and self._stale(path)
+        if is_complete(path) and not force:
+            return
+        prepare(
+            self.root,
+            path,
+            h.format,
+            h.dtype,
+            h.crop,
+            h.prepare_workers,
+            h.skip_bad,
+            progress=True,
+            channel_order=h.channel_order,
+            convention=h.convention,
+            force=force,
+        )
+        self._store = self._manifest = self._split = None
+
+    @property
+    def store(self) -> Store:
+        """The opened store (DataError when it has not been prepared)."""
+        if self._store is None:
+            self._store = open_store(self.store_path())
+        return self._store
+
+    # ------------------------------------------------------------ splits
+
+    def _split_key(self) -> str:
+        h = self.hparams
+        if h.fold is None:
+            return f"seed={h.split_seed},test={h.test_fraction},val={h.val_fraction}"
+        return f"seed={h.split_seed},test={h.test_fraction},folds={h.folds}"
 
     def split(self) -> dict[str, list[str]]:
-        ids = [p.name for p in find_cases(self.root)]
-        h = self.hparams
-        return split_cases(ids, h.val_fraction, h.test_fraction, h.split_seed)
+        """Patient split of the store's cases, saved in ``splits.json`` in the store."""
+        if self._split is not None:
+            return self._split
+        h, store = self.hparams, self.store
+        path, key = store.root / SPLITS_FILE, self._split_key()
+        saved = read_json(path) if path.is_file() else {}
+        if key not in saved:
+            ids = store.case_ids
+            if h.fold is None:
+                saved[key] = split_cases(ids, h.val_fraction, h.test_fraction, h.split_seed)
+            else:
+                saved[key] = kfold_cases(ids, h.test_fraction, h.split_seed, h.folds)
+            try:
+                write_json(path, saved)
+            except OSError as err:  # a read-only store still serves
+                log.warning("cannot save the split in %s: %s", path, err)
+        entry = saved[key]
+        if h.fold is None:
+            self._split = {k: entry[k] for k in SPLITS}
+        else:
+            if not 0 <= h.fold < len(entry["folds"]):
+                raise DataError(f"fold must be in 0..{len(entry['folds']) - 1}, got {h.fold}")
+            val = entry["folds"][h.fold]
+            train = sorted(c for k, f in enumerate(entry["folds"]) if k != h.fold for c in f)
+            self._split = {"train": train, "val": sorted(val), "test": entry["test"]}
+        return self._split
 
     def manifest(self) -> dict:
-        """Source, case files with sizes and the split; its hash identifies the data of a run."""
+        """Store, cases, skipped cases and the split; its hash identifies the data of a run."""
         if self._manifest is None:
-            cases = {
-                p.name: {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
-                for p in find_cases(self.root)
+            if not is_complete(self.store_path()):
+                self.prepare_data()
+            m, split = self.store.manifest, self.split()
+            body = {
+                "source": self.hparams.source,
+                "format": m["format"],
+                "store_hash": m["hash"],
+                "dtype": m["dtype"],
+                "crop": m["crop"],
+                "cases": {c["id"]: c["count"] for c in m["cases"]},
+                "skipped": m["skipped"],
+                "split": split,
+                "fold": self.hparams.fold,
             }
-            body = {"source": self.hparams.source, "cases": cases, "split": self.split()}
-            digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-            self._manifest = {**body, "hash": digest[:16]}
+            identity = {"store_hash": m["hash"], "split": split}
+            digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+            self._manifest = {
+                "root": str(self.root),
+                "store": str(self.store.root),
+                **body,
+                "hash": digest[:16],
+            }
         return self._manifest
 
-    def _load(
-        self, case_ids: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
-        def one(cid: str) -> tuple[torch.Tensor, torch.Tensor]:
-            case = read_case(self.root / cid, self.hparams.convention)
-            image = torch.from_numpy(zscore(case.image)).permute(3, 0, 1, 2)  # (Z, 4, X, Y)
-            labels = torch.from_numpy(case.seg).permute(2, 0, 1)  # (Z, X, Y)
-            brain = (image != 0).any(1).float().mean((1, 2))
-            keep = brain >= self.hparams.min_brain_fraction
-            return self._resize(image[keep], labels[keep]), keep.nonzero()[:, 0].tolist()
+    # ------------------------------------------------------------ datasets
 
-        with ThreadPoolExecutor(2) as pool:
-            loaded = list(pool.map(one, case_ids))
-        index = [(cid, z) for cid, (_, zs) in zip(case_ids, loaded, strict=True) for z in zs]
-        images = torch.cat([im for (im, _), _ in loaded])
-        labels = torch.cat([lb for (_, lb), _ in loaded])
-        return images, labels, index
-
-    def _resize(
-        self, image: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.hparams.image_size
-        if size is None or tuple(image.shape[-2:]) == (size, size):
-            return image.contiguous(), labels.contiguous()
-        image = F.interpolate(image, size=(size, size), mode="area")
-        labels = F.interpolate(labels[:, None].float(), size=(size, size), mode="nearest-exact")
-        return image.contiguous(), labels[:, 0].to(torch.uint8).contiguous()
+    def _rows(self, name: str, case_ids: list[str]) -> tuple[np.ndarray, list[tuple[str, int]]]:
+        """Store rows of the kept slices of ``case_ids`` and their ``(case, z)``."""
+        store, h = self.store, self.hparams
+        area = store.shape[0] * store.shape[1]
+        rows, index = [], []
+        for cid in case_ids:
+            r = np.arange(store.case_range(cid).start, store.case_range(cid).stop)
+            meta = store.slices[r]
+            keep = np.ones(len(r), dtype=bool)
+            if self.skip_empty != "none":
+                keep &= meta["brain"] >= h.min_brain_fraction * area
+            if self.skip_empty == "tumour" and name == "train":
+                keep &= meta["tumour"] > 0
+            rows.append(r[keep])
+            index.extend((cid, int(z)) for z in np.flatnonzero(keep))
+        return np.concatenate(rows) if rows else np.zeros(0, np.int64), index
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
@@ -152,40 +470,89 @@ class BratsDataModule(L.LightningDataModule):
         for name in wanted.get(stage, SPLITS):
             if name in self.datasets or not split[name]:
                 continue
-            images, labels, self.index[name] = self._load(split[name])
-            self.datasets[name] = SliceDataset(
-                images, labels, flip=name == "train" and self.hparams.flip
+            rows, self.index[name] = self._rows(name, split[name])
+            in_loader = name == "train" and not self.hparams.augment_on_device
+            transform = self.augment if in_loader else None
+            self.datasets[name] = StoreSlices(
+                self.store.root, rows, self.hparams.image_size, transform
             )
-            log.info("%s: %d cases, %d slices", name, len(split[name]), len(labels))
+            log.info("%s: %d cases, %d slices", name, len(split[name]), len(rows))
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _sampler(self) -> Sampler[int]:
+        ds, ratio = self.datasets["train"], self.hparams.foreground_ratio
+        if ratio is None:
+            return RandomSampler(ds)
+        return ForegroundSampler(self.store.slices["tumour"][ds.rows] > 0, ratio)
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        ds, h = self.datasets[name], self.hparams
         return DataLoader(
-            self.datasets[name],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            drop_last=shuffle and len(self.datasets[name]) > self.hparams.batch_size,
+            ds,
+            batch_size=h.batch_size,
+            sampler=self._sampler() if train else None,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+            collate_fn=keep_batch,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=train and len(ds) > h.batch_size,
         )
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches get the augmentation here with ``augment_on_device``."""
+        trainer = getattr(self, "trainer", None)
+        if self.hparams.augment_on_device and self.augment and trainer and trainer.training:
+            return self.augment(*batch)
+        return batch
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", train=False)
+
+    # ------------------------------------------------------------ whole cases and previews
 
     def preview(self, n: int = 4) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, int]]]:
         """Fixed validation slices: per validation case, the slice with most tumour (first n)."""
         if "val" not in self.datasets:
             self.setup("validate")
         ds, index = self.datasets["val"], self.index["val"]
-        area = (ds.labels > 0).flatten(1).sum(1)
+        tumour = self.store.slices["tumour"][ds.rows]
         best: dict[str, int] = {}
         for i, (cid, _) in enumerate(index):
-            if cid not in best or area[i] > area[best[cid]]:
+            if cid not in best or tumour[i] > tumour[best[cid]]:
                 best[cid] = i
-        rows = [best[c] for c in sorted(best)][:n]
-        return ds.images[rows], ds.labels[rows], [index[i] for i in rows]
+        items = sorted([best[c] for c in sorted(best)][:n], key=lambda i: ds.rows[i])
+        image, labels = ds.read(items)  # read() returns rows in store order
+        return image, labels, [index[i] for i in items]
+
+    def iter_cases(self, split: str) -> Iterator[Case]:
+        """Whole cases of a split, one at a time, at store size: normalised images
+        ``(4, H, W, Z)``, canonical labels and the source affine (1 mm identity if unknown;
+        with a crop its translation is the uncropped one, spacing and orientation hold)."""
+        store = self.store
+        info = {c["id"]: c for c in store.manifest["cases"]}
+        for cid in self.split()[split]:
+            r = store.case_range(cid)
+            image = np.asarray(store.images[r.start : r.stop], dtype=np.float32)
+            labels = np.asarray(store.labels[r.start : r.stop])
+            affine = np.asarray(info[cid].get("affine") or np.eye(4), dtype=np.float64)
+            yield Case(
+                cid,
+                np.ascontiguousarray(image.transpose(1, 2, 3, 0)),
+                np.ascontiguousarray(labels.transpose(1, 2, 0)),
+                affine,
+            )
+
+    def iter_test_cases(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """Test cases one at a time (see ``test_cases``)."""
+        for case in self.iter_cases("test"):
+            yield case.case_id, case.image.transpose(3, 0, 1, 2), case.seg.transpose(2, 0, 1)
+
+    def test_cases(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Whole test cases at store size: ``(case_id, image (Z, 4, H, W) float32 normalised,
+        labels (Z, H, W) uint8)``, every slice. Holds them all: ``iter_test_cases`` streams."""
+        return list(self.iter_test_cases())
