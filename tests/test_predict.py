@@ -181,11 +181,15 @@ def test_folder_of_cases_then_evaluate(ckpt, demo_root, tmp_path):
     for cid in cases:
         assert_geometry(out / f"{cid}.nii.gz", root / cid / f"{cid}_flair.nii.gz", "brats2020")
     csv = tmp_path / "metrics.csv"
+    overlays = tmp_path / "overlays"
     argv = ["--predictions", out, "--references", root, "--output", csv, "--quiet"]
-    assert evaluate_main([str(a) for a in argv]) == 0
+    assert evaluate_main([str(a) for a in [*argv, "--overlays", overlays]]) == 0
     df = pd.read_csv(csv)
     assert sorted(df["case_id"].unique()) == cases and len(df) == 3 * len(cases)
     assert df["dice"].between(0, 1).all()
+    pngs = sorted(p.name for p in overlays.iterdir())
+    assert pngs == [f"{c}.png" for c in cases]
+    assert (overlays / pngs[0]).read_bytes()[:4] == b"\x89PNG"
 
 
 def as_if_saved_on_gpu(ckpt: Path, out: Path) -> Path:

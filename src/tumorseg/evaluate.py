@@ -441,6 +441,7 @@ def build_parser() -> Parser:
     add("--allow-missing", action="store_true", help="skip unpaired or mismatched cases")
     add("--mlflow-run", metavar="ID", help="log means and files to this MLflow run")
     add("--tracking-uri", metavar="URI", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI)")
+    add("--overlays", type=Path, metavar="DIR", help="three-view overlay PNG per case here")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -474,6 +475,28 @@ def select_pairs(args: argparse.Namespace) -> tuple[list[Pair], dict[str, str]]:
     if not pairs:
         raise DataError(f"no cases to score in {args.predictions} and {args.references}")
     return pairs, problems
+
+
+def write_overlays(pairs: list[Pair], folder: Path, pred_labels: str, ref_labels: str) -> int:
+    """``folder/<case_id>.png`` (FLAIR, truth solid, prediction dashed) for each pair whose
+    reference sits in a BraTS case folder with its FLAIR; returns how many were written."""
+    from tumorseg.overlay import overlay_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for pair in pairs:
+        flair = find_nifti(pair.ref.parent, f"{pair.case_id}_flair")
+        if flair is None:
+            continue
+        img = load(flair)
+        pred = to_canonical(voxels(load(pair.pred), pair.pred), pred_labels, str(pair.pred))
+        ref = to_canonical(voxels(load(pair.ref), pair.ref), ref_labels, str(pair.ref))
+        fig = overlay_figure(voxels(img, flair), ref, pred, img.affine, title=pair.case_id)
+        write_atomically(
+            [(folder / f"{pair.case_id}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=80))]
+        )
+        written += 1
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"skipped {len(skipped)} case(s): " + ", ".join(sorted(skipped)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.overlays:
+        try:
+            n = write_overlays(pairs, args.overlays, args.pred_labels or args.labels, args.labels)
+        except (DataError, OSError) as err:
+            error(f"overlays: {err}")
+            return 1
+        print(f"wrote {n} overlay(s) to {args.overlays}")
 
     if client is not None:
         try:
