@@ -28,7 +28,7 @@ def test_train_on_each_source(source, tmp_path, demo_root):
             "data.image_size=32",
             "data.min_brain_fraction=0.0",
             "trainer.max_epochs=1",
-            "logger=null",
+            "~logger",
             "~callbacks.lr_monitor",
         ],
     )
