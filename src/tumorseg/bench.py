@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tumorseg.cli import ArgError, Parser
 from tumorseg.losses import RegionLoss
 from tumorseg.models import AttentionUNet, ResidualUNet, UNet
 from tumorseg.precision import cpu_has_bf16
@@ -44,17 +45,6 @@ MODES = ("fp32", "bf16+cl")
 IN_CHANNELS, OUT_CHANNELS = 4, 3
 LR, WEIGHT_DECAY = 3e-3, 1e-4  # as in conf/model/*.yaml
 MATMUL_WARMUP, MATMUL_REPEATS = 2, 5
-
-
-class ArgError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises ``ArgError`` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message)
 
 
 @dataclass

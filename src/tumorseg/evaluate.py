@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import SUFFIXES, find_nifti
 from tumorseg.errors import DataError
 from tumorseg.labels import CONVENTIONS, REGIONS, to_canonical
@@ -416,17 +417,6 @@ def log_to_mlflow(
 
 
 # ---------------------------------------------------------------- command line
-
-
-class ArgError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises ``ArgError`` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message)
 
 
 def build_parser() -> Parser:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from tumorseg.bench import cpu_name
+from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import MODALITIES, SUFFIXES, Case, read_images, zscore
 from tumorseg.data.readers import CaseRef, list_cases, read_any
 from tumorseg.errors import DataError
@@ -600,17 +601,6 @@ def bench(checkpoint: Path | None, device: str, repeats: int, batch_size: int) -
 
 
 # ---------------------------------------------------------------- command line
-
-
-class ArgError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises ``ArgError`` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message)
 
 
 def count(minimum: int) -> Callable[[str], int]:

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from tumorseg.cli import ArgError, Parser
 from tumorseg.errors import DataError
 
 if TYPE_CHECKING:
@@ -537,17 +538,6 @@ def log_report(
 
 
 # ---------------------------------------------------------------- command line
-
-
-class ArgError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises ``ArgError`` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message)
 
 
 def build_parser() -> Parser:

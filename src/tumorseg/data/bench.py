@@ -41,23 +41,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tumorseg.cli import ArgError, Parser
 from tumorseg.data.store import IMAGES, LABELS, is_complete
 
 PROG = "tumorseg-bench-data"
 # --augment: the recipe of conf/data/brats.yaml
 AUGMENT = {"flip_x": 0.5, "flip_y": 0.5, "p_spatial": 0.3, "p_intensity": 0.3, "p_gamma": 0.3}
 log = logging.getLogger(__name__)
-
-
-class ArgError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises ``ArgError`` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import MODALITIES, Case, zscore
 from tumorseg.data.readers import FORMATS, list_cases
 from tumorseg.errors import DataError
@@ -28,17 +29,6 @@ from tumorseg.labels import CONVENTIONS
 
 PROG = "tumorseg-channels"
 REGIONS = ("brain", "NCR", "ED", "ET")  # background brain, then canonical labels 1, 2, 3
-
-
-class ArgError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises ``ArgError`` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message)
 
 
 def region_sums(case: Case) -> tuple[np.ndarray, np.ndarray]:

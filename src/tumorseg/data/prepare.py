@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import MODALITIES, Case, zscore
 from tumorseg.data.store import (
     DTYPES,
@@ -503,17 +504,6 @@ def _build(
 
 
 # ---------------------------------------------------------------- command line
-
-
-class ArgError(Exception):
-    """A bad command-line argument; the message is one line."""
-
-
-class Parser(argparse.ArgumentParser):
-    """ArgumentParser that raises ``ArgError`` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(message)
 
 
 def channel_list(text: str) -> tuple[str, ...]:
