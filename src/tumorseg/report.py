@@ -164,7 +164,7 @@ def runs_frame(runs: Sequence[Run], prefix: str) -> pd.DataFrame:
             "run_name": run.info.run_name,
             "variant": tags["variant"],
             "seed": tags.get("seed", ""),
-            "fold": run.data.params.get("data.fold", ""),
+            "fold": run.data.params.get("data.fold", "").replace("None", ""),
             "data_source": tags.get("data_source", ""),
             "data_manifest": tags.get("data_manifest", ""),
         }
@@ -612,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     uri = tracking_uri(args.tracking_uri)
     try:
