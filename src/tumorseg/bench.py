@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.losses import RegionLoss
 from tumorseg.models import AttentionUNet, ResidualUNet, UNet
@@ -297,14 +298,9 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``tumorseg-bench [--variants ...] [--sizes 128,240] [--output FILE]``."""
-    try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-    except ArgError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    if isinstance(args, int):
+        return args
 
     start = time.perf_counter()
     print(f"{PROG}: matmul peak ...", file=sys.stderr, flush=True)

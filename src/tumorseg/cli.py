@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+from collections.abc import Callable
 
 
 class ArgError(Exception):
@@ -14,3 +17,30 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ArgError(message)
+
+
+def error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+
+
+def start(prog: str, parse: Callable[[], argparse.Namespace]) -> argparse.Namespace | int:
+    """Arguments from ``parse`` with warnings logged as ``prog: WARNING: ...``; or the exit
+    code: 2 after a one-line error for a bad argument, 0 after ``--help``."""
+    try:
+        args = parse()
+    except ArgError as err:
+        error(prog, str(err))
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.WARNING, format=f"{prog}: %(levelname)s: %(message)s")
+    return args
+
+
+def checked(
+    parser: argparse.ArgumentParser, check: Callable, argv: list[str] | None
+) -> argparse.Namespace:
+    """``parser``'s arguments after ``check(args)`` (which raises ``ArgError``)."""
+    args = parser.parse_args(argv)
+    check(args)
+    return args

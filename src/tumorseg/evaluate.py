@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import SUFFIXES, find_nifti
 from tumorseg.errors import DataError
@@ -445,7 +445,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    cli.error(PROG, message)
 
 
 def select_pairs(args: argparse.Namespace) -> tuple[list[Pair], dict[str, str]]:
@@ -491,15 +491,9 @@ def write_overlays(pairs: list[Pair], folder: Path, pred_labels: str, ref_labels
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns 0, 2 for bad input (nothing written) or 1 if writing fails."""
-    try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-    except ArgError as err:
-        error(str(err))
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    if isinstance(args, int):
+        return args
 
     paths = output_paths(args.output)
     uri = tracking_uri(args.tracking_uri)

@@ -45,7 +45,6 @@ import dataclasses
 import functools
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from tumorseg import cli
 from tumorseg.bench import cpu_name
 from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import MODALITIES, SUFFIXES, Case, read_images, zscore
@@ -662,20 +662,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    cli.error(PROG, message)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns 0, 2 for bad input (nothing written) or 1 if writing fails."""
-    try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-    except ArgError as err:
-        error(str(err))
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    if isinstance(args, int):
+        return args
     try:
         if args.benchmark:
             print(bench(args.checkpoint, args.device, args.repeats, args.batch_size))

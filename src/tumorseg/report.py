@@ -34,7 +34,6 @@ import itertools
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.errors import DataError
 
@@ -564,7 +564,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    cli.error(PROG, message)
 
 
 def build_report(client: MlflowClient, args: argparse.Namespace) -> tuple[str, dict, dict]:
@@ -604,14 +604,9 @@ def build_report(client: MlflowClient, args: argparse.Namespace) -> tuple[str, d
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns 0, 2 for bad input (nothing written) or 1 if writing fails."""
-    try:
-        args = parse_args(argv)
-    except ArgError as err:
-        error(str(err))
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    args = cli.start(PROG, lambda: parse_args(argv))
+    if isinstance(args, int):
+        return args
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     uri = tracking_uri(args.tracking_uri)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.data.store import IMAGES, LABELS, is_complete
 
@@ -396,13 +397,9 @@ def run(args: argparse.Namespace, work: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-    except ArgError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    if isinstance(args, int):
+        return args
     from tumorseg.errors import DataError
 
     temporary = args.work is None  # a --work folder is kept for reruns
