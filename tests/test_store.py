@@ -124,6 +124,13 @@ def test_crop_never_cuts_tumour(sets, tmp_path):
     # a window bigger than the slice pads with background
     prep.prepare(sets["brats"], tmp_path / "pad", crop=32, progress=False)
     assert open_store(tmp_path / "pad").shape == (32, 32)
+    # the stored affine maps the cropped voxel (0, 0, k) onto the source voxel (x0, y0, k)
+    source = {ref.case_id: ref.load().affine for ref in list_cases(sets["brats"], "brats")}
+    padded = json.loads((tmp_path / "pad" / "manifest.json").read_text())
+    for entry in manifest["cases"] + padded["cases"]:
+        x0, y0 = entry["crop_origin"]
+        moved = source[entry["id"]] @ np.array([x0, y0, 3, 1.0])
+        assert np.allclose(np.array(entry["affine"]) @ np.array([0, 0, 3, 1.0]), moved)
     # the tumour (about 10 voxels across) does not fit in 6: an error naming the case
     with pytest.raises(DataError, match=r"BraTS20_Training_001: tumour spans \d+ voxels"):
         prep.prepare(sets["brats"], tmp_path / "small", crop=6, progress=False)

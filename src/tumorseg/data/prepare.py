@@ -133,6 +133,9 @@ def convert(case: Case, dtype: str, crop: int | None) -> tuple[np.ndarray, np.nd
         origin = crop_origin(brain, seg > 0, crop, case.case_id)
         image = window(image, origin, crop, (1, 2))
         seg = window(seg, origin, crop, (0, 1))
+    affine = np.array(case.affine, dtype=float)
+    if origin:  # the stored voxel (0, 0) is the source voxel ``origin``
+        affine[:3, 3] += affine[:3, :2] @ np.asarray(origin, dtype=float)
     slices = np.ascontiguousarray(image.transpose(3, 0, 1, 2), dtype=dtype)
     labels = np.ascontiguousarray(seg.transpose(2, 0, 1), dtype=np.uint8)
     counts = np.bincount(labels.ravel(), minlength=4)
@@ -142,7 +145,7 @@ def convert(case: Case, dtype: str, crop: int | None) -> tuple[np.ndarray, np.nd
         "shape": list(labels.shape[1:]),
         "volume_shape": list(case.seg.shape),
         "crop_origin": list(origin) if origin else None,
-        "affine": np.asarray(case.affine, dtype=float).tolist(),
+        "affine": affine.tolist(),
         "stats": stats,
         "label_counts": {str(k): int(v) for k, v in enumerate(counts)},
     }
