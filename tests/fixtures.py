@@ -1,4 +1,4 @@
-"""Writers of small data sets in the exact layout of each BraTS source, for tests.
+"""Small data sets in the exact layout of each BraTS source, and a split check, for tests.
 
 Every volume holds an ellipsoidal "brain" (0 outside) and a blob tumour with all three classes:
 necrosis inside an enhancing rim inside edema (optionally a resection cavity beside it). Inside
@@ -322,3 +322,14 @@ def write_kaggle_h5(
     shuffled = [counts[i] for i in rng.permutation(len(counts))]
     _write_csv(root / "BraTS20 Training Metadata.csv", header, shuffled)
     return written
+
+
+def split_by_patient(dm) -> dict[str, set[str]]:
+    """Case ids per split after ``dm.setup``; checks every split is filled and none shares a
+    patient with training."""
+    dm.setup("fit")
+    dm.setup("test")
+    cases = {k: {c for c, _ in dm.index[k]} for k in ("train", "val", "test")}
+    assert cases["train"] and cases["val"] and cases["test"]
+    assert not (cases["train"] & cases["val"]) and not (cases["train"] & cases["test"])
+    return cases

@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from tests import fixtures as fx
 from tumorseg.data.datamodule import BratsDataModule, split_cases
 from tumorseg.data.nifti import DataError, read_case, zscore
 from tumorseg.data.store import is_complete
@@ -33,11 +34,7 @@ def test_datamodule_serves_slices_of_disjoint_cases(demo_root):
     )
     dm.prepare_data()  # demo -> slice store in the cache beside it
     assert is_complete(dm.store_path()) and dm.store_path().parent == demo_root.parent / "cache"
-    dm.setup("fit")
-    dm.setup("test")
-    cases = {k: {c for c, _ in dm.index[k]} for k in ("train", "val", "test")}
-    assert cases["train"] and cases["val"] and cases["test"]
-    assert not (cases["train"] & cases["val"]) and not (cases["train"] & cases["test"])
+    cases = fx.split_by_patient(dm)
     image, labels = next(iter(dm.train_dataloader()))
     assert image.shape == (4, 4, 64, 64) and labels.shape == (4, 64, 64)
     store = dm.store

@@ -296,11 +296,7 @@ def test_datamodule_from_raw_source_and_from_store(sets, tmp_path):
     store = dm.store_path()
     assert store.parent == tmp_path / "cache" and store.name.startswith("brats-")
     assert is_complete(store)
-    dm.setup("fit")
-    dm.setup("test")
-    cases = {k: {c for c, _ in dm.index[k]} for k in ("train", "val", "test")}
-    assert cases["train"] and cases["val"] and cases["test"]
-    assert not (cases["train"] & cases["val"]) and not (cases["train"] & cases["test"])
+    fx.split_by_patient(dm)
     image, labels = next(iter(dm.train_dataloader()))
     assert image.shape == (4, 4, 16, 16) and image.dtype == torch.float32
     assert labels.shape == (4, 16, 16) and labels.dtype == torch.uint8
