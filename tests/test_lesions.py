@@ -1,0 +1,228 @@
+"""Lesion-wise and global BraTS metrics against the official evaluator's numbers.
+
+``tests/data/brats_parity/reference.json`` holds what the official ``BraTS-evaluation``
+package (``gli`` config) reports for the committed NIfTI pairs; ``scripts/brats_reference.py``
+regenerates it in a venv of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+
+from tumorseg import lesions
+from tumorseg.labels import CONVENTIONS
+from tumorseg.labels import REGIONS as CANONICAL_REGIONS
+from tumorseg.lesions import REGIONS, score_case, score_region, surface
+
+DATA = Path(__file__).parent / "data" / "brats_parity"
+REFERENCE = json.loads((DATA / "reference.json").read_text())
+CASES = REFERENCE["cases"]
+ISOTROPIC = [c for c, v in CASES.items() if v["spacing"] == [1.0, 1.0, 1.0]]
+ANISOTROPIC = [c for c, v in CASES.items() if v["spacing"] != [1.0, 1.0, 1.0]]
+GLOBAL = {"dsc": "global_dsc", "nsd": "global_nsd", "hd95": "global_hd95"}
+LESION_WISE = [f"{kind}_{m}" for kind in ("lesion", "penalised") for m in ("dsc", "nsd", "hd95")]
+COUNTS = {"n_ref": "n_ref", "n_pred": "n_pred", "matched": "tp", "missed": "fn", "false": "fp"}
+
+
+def load(case_id: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Prediction, reference (BraTS 2024 GLI labels) and the header's voxel size."""
+    ref = nib.load(DATA / "references" / f"{case_id}-seg.nii.gz")
+    pred = nib.load(DATA / "predictions" / f"{case_id}.nii.gz")
+    spacing = tuple(float(z) for z in ref.header.get_zooms()[:3])
+    return np.asarray(pred.dataobj), np.asarray(ref.dataobj), spacing
+
+
+def close(ours: float, official: float) -> bool:
+    return ours == pytest.approx(official, abs=1e-6, nan_ok=True)
+
+
+def matched_lesions(score) -> list[tuple[int, float, float, float]]:
+    return sorted(
+        (x.ref_voxels, x.dsc, x.nsd, x.hd95) for x in score.lesions if x.status == "matched"
+    )
+
+
+def official_matched(region: dict) -> list[tuple[int, float, float, float]]:
+    return sorted(
+        (x["voxels"], x["dsc"], x["nsd"], x["hd95"]) for x in region["lesions"] if x["matched"]
+    )
+
+
+def assert_lesions_equal(ours, theirs):
+    assert [x[0] for x in ours] == [x[0] for x in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a[1:] == pytest.approx(b[1:], abs=1e-6)
+
+
+@pytest.mark.parametrize("case_id", ISOTROPIC, ids=lambda c: CASES[c]["description"][:40])
+def test_isotropic_case_equals_official_evaluator(case_id):
+    pred, ref, spacing = load(case_id)
+    scores = score_case(pred, ref, spacing, "brats2024")
+    assert set(scores) == set(CASES[case_id]["regions"])
+    for region, official in CASES[case_id]["regions"].items():
+        row = scores[region].row()
+        for ours, theirs in COUNTS.items():
+            assert row[ours] == official[theirs], (region, ours)
+        for ours, theirs in GLOBAL.items():
+            assert close(row[ours], official[theirs]), (region, ours, row[ours], official[theirs])
+        for name in LESION_WISE:
+            assert close(row[name], official[name]), (region, name, row[name], official[name])
+        assert_lesions_equal(matched_lesions(scores[region]), official_matched(official))
+        missed = sorted(x.ref_voxels for x in scores[region].lesions if x.status == "missed")
+        assert missed == sorted(x["voxels"] for x in official["lesions"] if not x["matched"])
+
+
+def test_fixtures_cover_the_edge_cases():
+    regions = [r for c in CASES.values() for r in c["regions"].values()]
+    assert any(r["fn"] and r["tp"] for r in regions), "a missed lesion next to a found one"
+    assert any(r["fp"] and r["tp"] for r in regions), "a false lesion next to a found one"
+    assert any(r["n_pred"] == 0 < r["n_ref"] for r in regions), "an empty prediction"
+    assert any(r["n_ref"] == 0 < r["n_pred"] for r in regions), "an empty reference"
+    assert any(r["n_ref"] == r["n_pred"] == 0 for r in regions), "a region absent on both sides"
+    merged = CASES["BraTS-GLI-00004-000"]["regions"]["wt"]
+    assert (merged["n_ref"], merged["n_pred"], merged["tp"]) == (1, 2, 1)
+    assert ANISOTROPIC, "an anisotropic case"
+    assert sum(p.stat().st_size for p in DATA.rglob("*")) < 1_000_000
+
+
+@pytest.mark.parametrize("case_id", ANISOTROPIC)
+def test_anisotropic_case_differs_from_official_only_by_the_documented_causes(case_id):
+    """The official evaluator (1) computes global NSD and HD95 without the voxel spacing, in
+    voxel units, and (2) reads NIfTI with SimpleITK, whose (x, y, z) spacing it applies to the
+    (z, y, x) array: per-lesion distances use the spacing in reversed axis order. tumorseg is in
+    mm along the right axes; feeding it those two spacings reproduces the official numbers."""
+    pred, ref, spacing = load(case_id)
+    assert len(set(spacing)) > 1
+    ours = score_case(pred, ref, spacing, "brats2024")
+    in_voxels = score_case(pred, ref, (1.0, 1.0, 1.0), "brats2024")
+    reversed_axes = score_case(pred, ref, spacing[::-1], "brats2024")
+    differs = 0
+    for region, official in CASES[case_id]["regions"].items():
+        for ours_name, theirs in COUNTS.items():  # lesions and matching do not use the spacing
+            assert ours[region].row()[ours_name] == official[theirs]
+        assert close(ours[region].dsc, official["global_dsc"])
+        for name in ("nsd", "hd95"):
+            assert close(in_voxels[region].row()[name], official[GLOBAL[name]]), (region, name)
+        for name in LESION_WISE:
+            assert close(reversed_axes[region].row()[name], official[name]), (region, name)
+        assert_lesions_equal(matched_lesions(reversed_axes[region]), official_matched(official))
+        if official["tp"]:
+            differs += not close(ours[region].lesion_hd95, official["lesion_hd95"])
+            differs += not close(ours[region].hd95, official["global_hd95"])
+    assert differs >= 4, "the fixture should show both differences"
+
+
+def brute_force(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Directed surface distances from point clouds (no distance transform, no cropping)."""
+    s = np.asarray(spacing)
+    pts_p, pts_r = np.argwhere(surface(pred)) * s, np.argwhere(surface(ref)) * s
+    return cKDTree(pts_p).query(pts_r)[0], cKDTree(pts_r).query(pts_p)[0]
+
+
+@pytest.mark.parametrize("convention", ["pooled", "max"])
+def test_global_and_lesion_distances_in_mm_match_brute_force(convention):
+    pred, ref, spacing = load(ANISOTROPIC[0])
+    wt = np.isin(pred, (1, 2, 3)), np.isin(ref, (1, 2, 3))
+    d_ref, d_pred = brute_force(*wt, spacing)
+    expected = (
+        np.percentile(np.concatenate([d_ref, d_pred]), 95)
+        if convention == "pooled"
+        else max(np.percentile(d_ref, 95), np.percentile(d_pred, 95))
+    )
+    score = score_region(*wt, spacing, hd95=convention, nsd_tolerance=2.0)
+    assert score.hd95 == pytest.approx(expected, abs=1e-9)
+    within = (np.mean(d_ref <= 2.0) + np.mean(d_pred <= 2.0)) / 2
+    assert score.nsd == pytest.approx(within, abs=1e-12)
+
+
+def test_far_false_blob_pooled_hides_it_max_shows_it():
+    ref = np.zeros((40, 40, 40), bool)
+    ref[5:15, 5:15, 5:15] = True
+    pred = ref.copy()
+    pred[30:34, 30:34, 30:33] = True  # 44 of 532 predicted surface voxels (8 %)
+    pooled = score_region(pred, ref, (1.0, 1.0, 1.0), hd95="pooled")
+    worst = score_region(pred, ref, (1.0, 1.0, 1.0), hd95="max")
+    assert pooled.hd95 == 0.0
+    d_ref, d_pred = brute_force(pred, ref, (1.0, 1.0, 1.0))
+    assert worst.hd95 == pytest.approx(np.percentile(d_pred, 95)) and worst.hd95 > 20
+    # per lesion the blob is a false lesion, so it does not enter the matched lesion's HD95
+    assert (pooled.matched, pooled.false, pooled.lesion_hd95, worst.lesion_hd95) == (1, 1, 0, 0)
+    assert worst.hd95_convention == "max"
+
+
+def test_matching_is_maximum_bipartite_not_greedy():
+    """Reference lesions A [0, 10) and B [14, 20), predicted lesions Y [0, 3) and X [4, 16)
+    along one axis. Greedy best-Dice-first takes A-X (0.55) and leaves B unmatched; the
+    maximum matching takes A-Y (0.46) and B-X (0.22)."""
+    ref, pred = np.zeros((24, 3, 3), bool), np.zeros((24, 3, 3), bool)
+    ref[0:10, 1, 1] = ref[14:20, 1, 1] = True
+    pred[0:3, 1, 1] = pred[4:16, 1, 1] = True
+    score = score_region(pred, ref, (1.0, 1.0, 1.0))
+    assert (score.n_ref, score.n_pred, score.matched, score.missed, score.false) == (2, 2, 2, 0, 0)
+    assert sorted(round(x.dsc, 3) for x in score.lesions) == [0.222, 0.462]
+    assert score.lesion_dsc == pytest.approx((6 / 13 + 4 / 18) / 2)
+
+
+def test_lesions_are_26_connected():
+    ref = np.zeros((8, 8, 8), bool)
+    ref[1:3, 1:3, 1:3] = True
+    ref[3:5, 3:5, 3:5] = True  # touches the first cube at one corner only
+    score = score_region(ref, ref, (1.0, 1.0, 1.0))
+    assert (score.n_ref, score.n_pred, score.matched) == (1, 1, 1)
+    assert score.lesion_dsc == score.dsc == 1.0
+
+
+def test_empty_and_disjoint_masks_follow_the_official_rules():
+    empty = np.zeros((10, 10, 10), bool)
+    a, b = empty.copy(), empty.copy()
+    a[1:4, 1:4, 1:4] = True
+    b[6:9, 6:9, 6:9] = True
+    both_empty = score_region(empty, empty, (1, 1, 1))
+    assert all(math.isnan(v) for k, v in both_empty.row().items() if k not in COUNTS)
+    for pred, ref in ((empty, a), (b, empty), (b, a)):
+        s = score_region(pred, ref, (1, 1, 1))
+        assert (s.dsc, s.nsd, s.hd95, s.lesion_dsc, s.lesion_hd95) == (0, 0, math.inf, 0, math.inf)
+        assert s.row()["hd95"] == lesions.REPORTED_INF == 373.0
+    assert math.isnan(score_region(b, empty, (1, 1, 1)).penalised_dsc)  # no reference lesion
+    missed = score_region(empty, a, (1, 1, 1))
+    assert (missed.penalised_dsc, missed.penalised_hd95) == (0.0, 373.0)
+
+
+def test_cropped_and_whole_volume_agree():
+    pred, ref, spacing = load(ANISOTROPIC[0])
+    cropped = score_case(pred, ref, spacing, "brats2024", hd95="max")
+    whole = score_case(pred, ref, spacing, "brats2024", hd95="max", crop=False)
+    for region in cropped:
+        assert cropped[region] == whole[region]
+
+
+def test_region_tables_agree_with_the_label_conventions():
+    canonical = REGIONS["canonical"]
+    for region, labels in CANONICAL_REGIONS.items():
+        assert canonical[region] == labels
+    for convention, table in REGIONS.items():
+        if convention == "canonical":
+            continue
+        for region, values in table.items():
+            mapped = {CONVENTIONS[convention][v] for v in values}
+            expected = {0} if region == "rc" else set(canonical[region])
+            assert mapped == expected, (convention, region)
+
+
+def test_bad_input_is_refused():
+    a = np.zeros((4, 4, 4), bool)
+    with pytest.raises(ValueError, match="shape"):
+        score_region(a, np.zeros((4, 4, 5), bool), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        score_region(a, a, (1, 0, 1))
+    with pytest.raises(ValueError, match="HD95 convention"):
+        score_region(a, a, (1, 1, 1), hd95="mean")
+    with pytest.raises(ValueError, match="tolerance"):
+        score_region(a, a, (1, 1, 1), nsd_tolerance=-1)
