@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tumorseg.config import CONF_DIR
 from tumorseg.errors import DataError
+from tumorseg.launch import ddp_child_config, ddp_job, devices_tag
 from tumorseg.precision import auto_precision, uses_gpu
 from tumorseg.tracking import git_commit
 
@@ -103,9 +104,12 @@ def run(cfg: DictConfig) -> float | None:
         logger = hydra.utils.instantiate(cfg.logger.mlflow, run_id=run_id, tags=tags)
 
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger or False)
+    if logger is not None:
+        logger.tags = {**(logger.tags or {}), "devices": devices_tag(trainer)}  # before the run
     log.info("precision %s, variant %s", cfg.trainer.precision, cfg.model.name)
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with ddp_job(config, cfg.paths.output_dir):  # DDP children run this job, nothing else
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
         run_test_stage(cfg, trainer, model, datamodule, logger)
@@ -123,7 +127,26 @@ def _hydra_main(cfg: DictConfig) -> Any:
         sys.exit(2)
 
 
+def _ddp_child(config: dict[str, Any]) -> Any:
+    """A DDP child of a job: run that job's resolved config (no Hydra, no sweep)."""
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    log.info(
+        "DDP rank %s of the job in %s", os.environ["LOCAL_RANK"], config["paths"]["output_dir"]
+    )
+    try:
+        return run(OmegaConf.create(config))
+    except Exception as err:
+        # a pruned trial stops every rank; exit 0, or Lightning's watcher kills the parent
+        if type(err).__name__ == "TrialPruned":
+            log.info("DDP rank %s: %s", os.environ["LOCAL_RANK"], err)
+            return None
+        raise
+
+
 def main() -> Any:
+    child = ddp_child_config()
+    if child is not None:
+        return _ddp_child(child)
     return _hydra_main()
 
 

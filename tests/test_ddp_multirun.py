@@ -1,0 +1,82 @@
+"""Hydra multiruns whose jobs are DDP jobs (2 gloo processes each): every job gets its own
+process group, no DDP child starts a sweep of its own, one MLflow run (and Optuna trial) per job."""
+
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import run_train
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+TINY = ["debug=tiny", "test=false", "trainer.max_epochs=1"]
+
+
+def common(tmp_path: Path, demo_root: Path) -> list[str]:
+    return [*DDP, *TINY, f"data.root={demo_root}", f"logger.mlflow.tracking_uri={store(tmp_path)}"]
+
+
+def store(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def check_processes(tmp_path: Path, stderr: str) -> list[Path]:
+    """One sweep folder, no single-run folders, and per job one rank-0 and one rank-1 process
+    that joined the same group; returns the job folders."""
+    sweeps = list((tmp_path / "outputs" / "multiruns").iterdir())
+    assert len(sweeps) == 1, f"sweep folders: {sweeps}"  # a child re-running -m makes another
+    assert not (tmp_path / "outputs" / "runs").exists()
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    children = re.findall(r"DDP rank 1 of the job in (\S+)", stderr)
+    assert sorted(children) == [str(j) for j in jobs]  # each job's child ran that job only
+    assert stderr.count("GLOBAL_RANK: 0, MEMBER: 1/2") == 2
+    assert stderr.count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2
+    return jobs
+
+
+def training_runs(tmp_path: Path) -> list:
+    client = MlflowClient(tracking_uri=store(tmp_path))
+    exp = client.get_experiment_by_name("tumorseg")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = [r for r in runs if r.data.tags.get("optuna_parent") != "true"]
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert "val/dice_mean" in r.data.metrics
+        assert r.data.tags["devices"] == "cpu x2"
+    return runs
+
+
+@pytest.mark.slow
+def test_plain_multirun_of_ddp_jobs(tmp_path, demo_root):
+    res = run_train(tmp_path, "-m", "model=unet,attention_unet", *common(tmp_path, demo_root))
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = check_processes(tmp_path, res.stderr)
+    runs = training_runs(tmp_path)
+    assert sorted(r.data.tags["variant"] for r in runs) == ["attention_unet", "unet"]
+    assert sorted(r.data.tags["sweep_job"] for r in runs) == ["0", "1"]
+    assert {r.data.tags["sweep"] for r in runs} == {str(jobs[0].parent)}
+
+
+@pytest.mark.slow
+def test_optuna_sweep_of_ddp_trials(tmp_path, demo_root):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    res = run_train(
+        tmp_path,
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={url}",
+        *common(tmp_path, demo_root),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    check_processes(tmp_path, res.stderr)
+    trials = optuna.load_study(study_name="tumorseg-unet", storage=url).trials
+    assert [t.number for t in trials] == [0, 1]  # no child sampled trials of its own
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    runs = training_runs(tmp_path)
+    assert [r.data.tags["optuna_trial"] for r in runs] == ["0", "1"]
+    assert [t.user_attrs["mlflow_run_id"] for t in trials] == [r.info.run_id for r in runs]
