@@ -2,7 +2,7 @@
 
 import pytest
 
-from tumorseg.bench import main
+from tumorseg.bench.training import main
 
 
 def table_rows(text: str) -> list[list[str]]:

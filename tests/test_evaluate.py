@@ -11,7 +11,8 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from tumorseg.evaluate import EMPTY_HD95, METRICS, case_metrics, hd95, main, summarise
+from tumorseg.cli.evaluate import main
+from tumorseg.scoring import EMPTY_HD95, METRICS, case_metrics, hd95, summarise
 
 # seaborn 0.13 passes matplotlib 3.11's deprecated ``vert`` to boxplot
 pytestmark = pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
@@ -45,9 +46,9 @@ def test_perfect_prediction():
         assert m == {
             "dice": 1.0,
             "iou": 1.0,
-            "accuracy": 1.0,
-            "sensitivity": 1.0,
-            "specificity": 1.0,
+            "acc": 1.0,
+            "sens": 1.0,
+            "spec": 1.0,
             "hd95": 0.0,
         }, region
 
@@ -55,9 +56,9 @@ def test_perfect_prediction():
 def test_disjoint_masks():
     pred, ref = blob((4, 4, 2), 1, 2), blob((15, 15, 7), 1, 2)
     wt = case_metrics(pred, ref, SPACING)["wt"]
-    assert wt["dice"] == 0 and wt["iou"] == 0 and wt["sensitivity"] == 0
-    assert wt["accuracy"] == pytest.approx(1 - 54 / 4000)
-    assert wt["specificity"] == pytest.approx(1 - 27 / (4000 - 27))
+    assert wt["dice"] == 0 and wt["iou"] == 0 and wt["sens"] == 0
+    assert wt["acc"] == pytest.approx(1 - 54 / 4000)
+    assert wt["spec"] == pytest.approx(1 - 27 / (4000 - 27))
     assert wt["hd95"] > 0  # exact value in test_disjoint_hd95_value
 
 
@@ -67,14 +68,14 @@ def test_both_empty_and_one_empty():
     for region in ("tc", "et"):
         assert both_empty[region]["dice"] == 1 and both_empty[region]["iou"] == 1
         assert both_empty[region]["hd95"] == 0
-        assert both_empty[region]["sensitivity"] == 1 and both_empty[region]["specificity"] == 1
+        assert both_empty[region]["sens"] == 1 and both_empty[region]["spec"] == 1
 
     empty = np.zeros(SHAPE, dtype=np.uint8)
     for pred, ref in ((empty, seg), (seg, empty)):
         wt = case_metrics(pred, ref, SPACING)["wt"]
         assert wt["dice"] == 0 and wt["iou"] == 0
         assert wt["hd95"] == EMPTY_HD95 == 373.13
-        assert wt["sensitivity"] == 0  # empty reference, non-empty prediction -> 0
+        assert wt["sens"] == 0  # empty reference, non-empty prediction -> 0
 
 
 def test_counts_on_a_small_example():
@@ -86,9 +87,9 @@ def test_counts_on_a_small_example():
     wt = case_metrics(pred, ref, (1.0, 1.0, 1.0))["wt"]
     assert wt["dice"] == pytest.approx(6 / 9)
     assert wt["iou"] == pytest.approx(3 / 6)
-    assert wt["accuracy"] == pytest.approx(17 / 20)
-    assert wt["sensitivity"] == pytest.approx(3 / 4)
-    assert wt["specificity"] == pytest.approx(14 / 16)
+    assert wt["acc"] == pytest.approx(17 / 20)
+    assert wt["sens"] == pytest.approx(3 / 4)
+    assert wt["spec"] == pytest.approx(14 / 16)
 
 
 def test_regions_nest_labels():

@@ -14,20 +14,20 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from tests.conftest import compose_tiny
+from tumorseg.bench.inference import predict_case_naive
+from tumorseg.cli.evaluate import main as evaluate_main
+from tumorseg.cli.predict import main
 from tumorseg.data.nifti import MODALITIES, Case, read_case
-from tumorseg.evaluate import main as evaluate_main
-from tumorseg.labels import CONVENTIONS, from_canonical, to_canonical
-from tumorseg.overlay import overlay_figure, panels
-from tumorseg.predict import (
+from tumorseg.inference import (
     ET,
     NCR,
     load_for_inference,
-    main,
     predict_case,
-    predict_case_naive,
     remove_small_et,
     slice_probs,
 )
+from tumorseg.labels import CONVENTIONS, from_canonical, to_canonical
+from tumorseg.overlay import overlay_figure, panels
 from tumorseg.train import run
 
 # seaborn 0.13 passes matplotlib 3.11's deprecated ``vert`` to boxplot (evaluate's box plot)
@@ -265,7 +265,7 @@ def test_batched_matches_naive_loop(module, demo_root):
     case = read_case(demo_root / CASE, with_seg=False)
     case = Case(CASE, case.image[..., 60:70], None, case.affine)
     fast = predict_case(module, case, batch_size=4, autocast=False)
-    naive = predict_case_naive(module.net, case, "regions", 64)
+    naive = predict_case_naive(module, module.net, case)
     assert (fast != naive).mean() < 1e-4
 
 
@@ -387,9 +387,11 @@ def test_overlay_figure():
 def test_benchmark_table(monkeypatch, capsys):
     """The report's shape, with the default (untrained) model; timings are faked."""
     fake = [4.0, 1.0, 2.0, 0.5]  # naive, batched, TTA, I/O
-    monkeypatch.setattr("tumorseg.predict.best_times", lambda fns, repeats: fake[: len(fns)])
+    monkeypatch.setattr(
+        "tumorseg.bench.inference.best_times", lambda fns, repeats: fake[: len(fns)]
+    )
     assert main(["--benchmark", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "features 16,32,64,128" in out and "240x240 -> 128" in out
+    assert "features 16,32,64,128" in out and "240x240 -> net 128x128" in out
     assert "| naive: 1 slice at a time | 1 | fp32 | no | 4.00 | 1.00x |" in out
     assert "| batched + TTA (4 flips) | 32 |" in out and "| 2.00 | 2.00x |" in out

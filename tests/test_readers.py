@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests import fixtures as fx
-from tumorseg.data import channels
+from tumorseg.cli import channels
 from tumorseg.data.nifti import MODALITIES, find_cases, read_case
 from tumorseg.data.readers import BRATS_AFFINE, detect_format, list_cases, read_any
 from tumorseg.errors import DataError

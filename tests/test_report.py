@@ -14,8 +14,8 @@ from mlflow.entities import Metric
 from scipy.stats import wilcoxon
 
 from tests.conftest import run_train
-from tumorseg import report
-from tumorseg.report import main
+from tumorseg import comparison as report
+from tumorseg.cli.report import main
 
 CASES = [f"case_{i}" for i in range(1, 9)]
 # per-case Dice of unet, averaged over its two runs (run 1: x - 0.01, run 2: x + 0.01)
@@ -40,7 +40,7 @@ def cases_csv(path: Path, dice: dict[str, list[float]], cases: list[str]) -> Pat
     """A case-level CSV in ``tumorseg-evaluate``'s format."""
     rows = [
         {"case_id": cid, "region": region, "dice": dice[region][i], "iou": 0.5}
-        | {"accuracy": 0.99, "sensitivity": 0.9, "specificity": 0.99, "hd95": 3.0}
+        | {"acc": 0.99, "sens": 0.9, "spec": 0.99, "hd95": 3.0}
         for i, cid in enumerate(cases)
         for region in ("wt", "tc", "et")
     ]
@@ -77,7 +77,7 @@ def make_run(
     metrics = [Metric("test/dice_wt", dice_wt, 0, 9), Metric("test/iou_wt", dice_wt - 0.1, 0, 9)]
     metrics += [Metric(f"test/{m}_{r}", 0.5, 0, 9) for m in ("dice", "iou") for r in ("tc", "et")]
     if variant == "attention_unet":  # as the case-level test stage names it
-        metrics.append(Metric("test/accuracy_wt", 0.99, 0, 9))
+        metrics.append(Metric("test/acc_wt", 0.99, 0, 9))
     for epoch, value in enumerate(CURVES[seed]):
         step = 3 * epoch + 2
         metrics += [Metric("val/dice_mean", value, 0, step), Metric("epoch", epoch, 0, step)]
@@ -310,7 +310,7 @@ def test_report_on_tiny_training_runs(tmp_path, demo_root):
         "experiment_name=cmp",
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "report"
     assert main(["--experiment", "cmp", "--tracking-uri", uri, "--output", str(out)]) == 0
     summary = pd.read_csv(out / "summary.csv")

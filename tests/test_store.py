@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from tests import fixtures as fx
+from tumorseg.cli import prepare as prep_cli
 from tumorseg.data import prepare as prep
+from tumorseg.data import preprocess
 from tumorseg.data.datamodule import (
     BratsDataModule,
     ForegroundSampler,
     kfold_cases,
     split_cases,
 )
-from tumorseg.data.nifti import zscore
+from tumorseg.data.preprocess import zscore
 from tumorseg.data.readers import list_cases
 from tumorseg.data.store import is_complete, open_store, partial_path, verify_store
 from tumorseg.data.transforms import Augment
@@ -142,7 +144,7 @@ def test_crop_window_unit():
     brain[2:12, 4:18] = True
     tumour = np.zeros_like(brain)
     tumour[2:5, 14:18] = True
-    x0, y0 = prep.crop_origin(brain, tumour, 8, "c")
+    x0, y0 = preprocess.crop_origin(brain, tumour, 8, "c")
     assert x0 <= 2 and x0 + 8 >= 5 and y0 <= 14 and y0 + 8 >= 18
     assert 0 <= x0 <= 12 and 0 <= y0 <= 12
 
@@ -201,7 +203,7 @@ def broken_copy(src: Path, tmp_path: Path) -> tuple[Path, Path]:
 def test_bad_input_is_one_line_and_leaves_no_store(sets, tmp_path, capsys):
     root, t1 = broken_copy(sets["brats"], tmp_path)
     dst = tmp_path / "store"
-    assert prep.main(["--input", str(root), "--output", str(dst), "--quiet"]) == 2
+    assert prep_cli.main(["--input", str(root), "--output", str(dst), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {t1}: cannot read NIfTI")
     assert not dst.exists()
@@ -210,20 +212,20 @@ def test_bad_input_is_one_line_and_leaves_no_store(sets, tmp_path, capsys):
     shutil.copytree(sets["kaggle"], kaggle)
     bad = next(kaggle.rglob("volume_2_slice_3.h5"))
     bad.write_bytes(bad.read_bytes()[:500])
-    assert prep.main(["--input", str(kaggle), "--output", str(tmp_path / "k"), "--quiet"]) == 2
+    assert prep_cli.main(["--input", str(kaggle), "--output", str(tmp_path / "k"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {bad}: ")
     assert not (tmp_path / "k").exists()
     # an empty folder
     (tmp_path / "empty").mkdir()
-    assert prep.main(["--input", str(tmp_path / "empty"), "--output", str(dst)]) == 2
+    assert prep_cli.main(["--input", str(tmp_path / "empty"), "--output", str(dst)]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'empty'}: empty directory"
 
 
 def test_skip_bad_lists_the_skipped_cases(sets, tmp_path, capsys):
     root, t1 = broken_copy(sets["brats"], tmp_path)
     dst = tmp_path / "store"
-    assert prep.main(["--input", str(root), "--output", str(dst), "--skip-bad", "--quiet"]) == 0
+    assert prep_cli.main(["--input", str(root), "--output", str(dst), "--skip-bad", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"skipped BraTS20_Training_002: {t1}: cannot read NIfTI" in out
     manifest = json.loads((dst / "manifest.json").read_text())
@@ -236,19 +238,19 @@ def test_skip_bad_lists_the_skipped_cases(sets, tmp_path, capsys):
 def test_cli_complete_store_and_force(sets, tmp_path, capsys):
     dst = tmp_path / "store"
     args = ["--input", str(sets["msd"]), "--output", str(dst), "--quiet"]
-    assert prep.main([*args, "--dtype", "float32", "--crop", "20"]) == 0
+    assert prep_cli.main([*args, "--dtype", "float32", "--crop", "20"]) == 0
     assert "2 cases" in capsys.readouterr().out
     stamp = (dst / "images.npy").stat().st_mtime_ns
-    assert prep.main(args) == 0
+    assert prep_cli.main(args) == 0
     assert "already complete" in capsys.readouterr().out
     assert (dst / "images.npy").stat().st_mtime_ns == stamp
-    assert prep.main([*args, "--force"]) == 0
+    assert prep_cli.main([*args, "--force"]) == 0
     assert open_store(dst).images.dtype == np.float16
-    assert prep.main([*args, "--crop", "0"]) == 2
+    assert prep_cli.main([*args, "--crop", "0"]) == 2
     assert "crop must be a positive" in capsys.readouterr().err
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x").write_text("x")
-    assert prep.main(["--input", str(sets["msd"]), "--output", str(tmp_path / "junk")]) == 2
+    assert prep_cli.main(["--input", str(sets["msd"]), "--output", str(tmp_path / "junk")]) == 2
     assert "is not a slice store" in capsys.readouterr().err
 
 
@@ -447,7 +449,7 @@ def test_interrupted_before_the_rename(sets, tmp_path, monkeypatch):
 
 
 def test_bench_data_tiny_run(tmp_path, capsys):
-    from tumorseg.data import bench
+    from tumorseg.bench import data as bench
 
     out = tmp_path / "bench.md"
     args = ["--volumes", "3", "--slices", "6", "--size", "24", "--workers", "0"]

@@ -1,7 +1,10 @@
 """Case-level test stage: predict whole volumes, score them in 3D, log the results to MLflow.
 
-The numbers are per case (Dice, IoU, accuracy, sensitivity, specificity, HD95 for WT, TC, ET),
-then averaged over cases: ``test/dice_wt`` is the mean case Dice, as BraTS reports it.
+Each test case is predicted exactly as ``tumorseg-predict`` would predict it (the same
+``tumorseg.inference.predict_case`` on the raw case, replaying the checkpoint's preprocessing),
+and scored on its own grid by ``tumorseg.scoring``. The numbers are per case (Dice, IoU,
+accuracy, sensitivity, specificity, HD95 for WT, TC, ET), then averaged over cases:
+``test/dice_wt`` is the mean case Dice, as BraTS reports it.
 """
 
 from __future__ import annotations
@@ -11,47 +14,51 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import pandas as pd
+import nibabel as nib
 
 from tumorseg.data.nifti import Case
-from tumorseg.evaluate import METRICS, case_metrics, output_paths, summarise, write_outputs
+from tumorseg.inference import predict_case, segmentation_image
 from tumorseg.module import SegModule
 from tumorseg.overlay import overlay_figure
-from tumorseg.predict import predict_case
+from tumorseg.scoring import (
+    case_means,
+    case_rows,
+    case_table,
+    output_paths,
+    summarise,
+    write_outputs,
+)
 
 log = logging.getLogger(__name__)
 
 
-def score_cases(module: SegModule, cases: Iterable[Case], batch_size: int = 32) -> pd.DataFrame:
-    """One row per case and region with every metric of ``tumorseg.evaluate``."""
+def score_cases(
+    module: SegModule,
+    cases: Iterable[Case],
+    normalised: bool = False,
+    predictions: Path | None = None,
+    batch_size: int = 32,
+):
+    """One row per case and region with every metric of ``tumorseg.scoring``; with
+    ``predictions``, each case's canonical labels are also saved there as ``<id>.nii.gz``."""
     rows = []
     for case in cases:
-        pred = predict_case(module, case, batch_size=batch_size)
-        for region, values in case_metrics(pred, case.seg, case.spacing).items():
-            rows.append({"case_id": case.case_id, "region": region, **values})
-    return pd.DataFrame(rows, columns=["case_id", "region", *METRICS])
+        pred = predict_case(module, case, batch_size=batch_size, normalised=normalised)
+        rows.extend(case_rows(case.case_id, pred, case.seg, case.spacing))
+        if predictions is not None:
+            predictions.mkdir(parents=True, exist_ok=True)
+            nib.save(segmentation_image(pred, case.affine), predictions / f"{case.case_id}.nii.gz")
+    return case_table(rows)
 
 
-SHORT = {"accuracy": "acc", "sensitivity": "sens", "specificity": "spec"}
-
-
-def case_means(df: pd.DataFrame, prefix: str = "test") -> dict[str, float]:
-    """``{"test/dice_wt": mean over cases, ..., "test/dice_mean": mean over regions}``."""
-    means = df.groupby("region")[list(METRICS)].mean()
-    out = {}
-    for m in METRICS:
-        name = SHORT.get(m, m)
-        out.update({f"{prefix}/{name}_{r}": float(means.loc[r, m]) for r in means.index})
-        out[f"{prefix}/{name}_mean"] = float(means[m].mean())
-    return out
-
-
-def write_overlays(module: SegModule, cases: Iterable[Case], folder: Path) -> list[Path]:
+def write_overlays(
+    module: SegModule, cases: Iterable[Case], folder: Path, normalised: bool = False
+) -> list[Path]:
     """Three-view overlay PNG (FLAIR, truth solid, prediction dashed) per case."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for case in cases:
-        pred = predict_case(module, case)
+        pred = predict_case(module, case, normalised=normalised)
         fig = overlay_figure(case.image[0], case.seg, pred, case.affine, title=case.case_id)
         path = folder / f"{case.case_id}.png"
         fig.savefig(path, dpi=80)
@@ -65,18 +72,23 @@ def test_stage(
     overlay_cases: Iterable[Case],
     logger=None,
     step: int | None = None,
+    normalised: bool = False,
+    save_predictions: bool = True,
 ) -> dict[str, float]:
-    """Score the test cases, log means, CSVs, box plot and overlays to the MLflow ``logger``."""
+    """Score the test cases, log means, CSVs, box plot, overlays and (``save_predictions``)
+    the predicted segmentations (``evaluation/predictions/<id>.nii.gz``, canonical labels) to
+    the MLflow ``logger``. ``normalised``: the cases are store volumes, already z-scored."""
     module.eval()
-    df = score_cases(module, test_cases)
-    if df.empty:
-        log.warning("no test cases to score")
-        return {}
-    means = case_means(df)
     with tempfile.TemporaryDirectory() as tmp:
+        preds = Path(tmp) / "predictions" if save_predictions and logger is not None else None
+        df = score_cases(module, test_cases, normalised, preds)
+        if df.empty:
+            log.warning("no test cases to score")
+            return {}
+        means = case_means(df)
         paths = output_paths(Path(tmp) / "test_cases.csv")
         write_outputs(df, summarise(df), paths)
-        overlays = write_overlays(module, overlay_cases, Path(tmp) / "overlays")
+        overlays = write_overlays(module, overlay_cases, Path(tmp) / "overlays", normalised)
         if logger is not None:
             logger.log_metrics(means, step=step)
             client, run_id = logger.experiment, logger.run_id
@@ -84,4 +96,6 @@ def test_stage(
                 client.log_artifact(run_id, str(path), "evaluation")
             for path in overlays:
                 client.log_artifact(run_id, str(path), "evaluation/overlays")
+            if preds is not None:
+                client.log_artifacts(run_id, str(preds), "evaluation/predictions")
     return means

@@ -6,6 +6,8 @@ Canonical labels inside tumorseg: 0 background, 1 necrotic / non-enhancing core 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -107,9 +109,63 @@ def regions_from_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def labels_from_regions(regions: torch.Tensor) -> torch.Tensor:
-    """Boolean regions ``(N, 3, H, W)`` -> canonical labels: WT as edema, TC as core, ET on top."""
+    """Boolean regions ``(N, 3, H, W)`` -> canonical labels, painted in ``PAINT_ORDER``."""
     labels = torch.zeros(regions[:, 0].shape, dtype=torch.uint8, device=regions.device)
-    labels[regions[:, 0]] = 2
-    labels[regions[:, 1]] = 1
-    labels[regions[:, 2]] = 3
+    for (_region, label), channel in zip(PAINT_ORDER, regions.unbind(1), strict=True):
+        labels[channel] = label
     return labels
+
+
+# ---------------------------------------------------------------- what the net predicts
+
+# Paint order when regions become labels: WT as edema, then TC as core, then ET on top.
+PAINT_ORDER: tuple[tuple[str, int], ...] = (("wt", 2), ("tc", 1), ("et", 3))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a net's output channels mean, and how they become labels.
+
+    ``regions``: one sigmoid channel per region (WT, TC, ET), a region where its probability
+    exceeds 0.5, painted into labels in ``PAINT_ORDER``. ``labels``: softmax over the four
+    canonical labels, the most probable label wins. Training metrics, inference and the
+    test stage all decide through this one object.
+    """
+
+    name: str
+    channels: int
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, C, H, W)`` -> probabilities."""
+        if self.name == "regions":
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, 1)
+
+    def decide(self, probs: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(N, C, H, W)`` -> canonical labels ``(N, H, W)`` uint8."""
+        if self.name == "regions":
+            return labels_from_regions(probs > 0.5)
+        return probs.argmax(1).to(torch.uint8)
+
+    def regions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> boolean regions ``(N, 3, H, W)``, as ``decide`` would give them."""
+        if self.name == "regions":
+            return logits > 0  # sigmoid(x) > 0.5
+        return regions_from_labels(logits.argmax(1))
+
+    def background(self) -> torch.Tensor:
+        """Per-channel probabilities of a pixel the net never saw: background."""
+        fill = torch.zeros(self.channels)
+        if self.name == "labels":
+            fill[0] = 1.0
+        return fill
+
+
+TARGETS: dict[str, Target] = {"regions": Target("regions", 3), "labels": Target("labels", 4)}
+
+
+def target(name: str) -> Target:
+    """The ``Target`` called ``name`` (ValueError naming the choices otherwise)."""
+    if name not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {name!r}")
+    return TARGETS[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,18 +11,17 @@ import lightning as L
 import torch
 from torch import nn
 
+from tumorseg.data.preprocess import Preprocessing
+from tumorseg.errors import DataError, first_line
 from tumorseg.labels import regions_from_labels
+from tumorseg.labels import target as target_of
 from tumorseg.losses import LabelLoss, RegionLoss
 from tumorseg.metrics import RegionMetrics
-
-TARGETS = {"regions": 3, "labels": 4}
 
 
 def out_channels(target: str) -> int:
     """Net output channels for a target mode: 3 sigmoid regions or 4 softmax labels."""
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
-    return TARGETS[target]
+    return target_of(target).channels
 
 
 class SegModule(L.LightningModule):
@@ -59,6 +59,7 @@ class SegModule(L.LightningModule):
         self.loss = loss_cls(dice_weight=dice_weight, ce_weight=ce_weight)
         self.val_metrics, self.test_metrics = RegionMetrics(), RegionMetrics()
         self.config: dict | None = None  # resolved run config, stored in checkpoints
+        self._preprocessing: Preprocessing | None = None  # recorded in checkpoints
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
 
@@ -67,11 +68,26 @@ class SegModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What turns a raw case into this net's input: the data module's, once training has
+        a store; read back from the checkpoint; else derived from the config."""
+        if self._preprocessing is None:
+            trainer = self._trainer
+            datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+            if datamodule is not None and hasattr(datamodule, "preprocessing"):
+                self._preprocessing = datamodule.preprocessing()
+            else:
+                return preprocessing_from_config(self.config)
+        return self._preprocessing
+
+    @preprocessing.setter
+    def preprocessing(self, value: Preprocessing | None) -> None:
+        self._preprocessing = value
+
     def predict_regions(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> boolean regions ``(N, 3, H, W)``."""
-        if self.hparams.target == "regions":
-            return logits > 0
-        return regions_from_labels(logits.argmax(1))
+        return target_of(self.hparams.target).regions(logits)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -127,6 +143,7 @@ class SegModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tumorseg_config"] = self.config
+        checkpoint["tumorseg_preprocessing"] = self.preprocessing.to_dict()
         for logger in self.loggers:
             run_id = getattr(logger, "run_id", None)
             if run_id:
@@ -134,18 +151,71 @@ class SegModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.config = checkpoint.get("tumorseg_config", self.config)
+        if checkpoint.get("tumorseg_preprocessing"):
+            self._preprocessing = Preprocessing.from_dict(checkpoint["tumorseg_preprocessing"])
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> SegModule:
+def preprocessing_from_config(config: dict | None) -> Preprocessing:
+    """The preprocessing of a run config, for checkpoints that predate its recording (BraTS
+    orientation and 1 mm spacing; the crop, resize and slice filter of ``data``)."""
+    data = (config or {}).get("data") or {}
+    crop = data.get("crop")
+    skip = data.get("skip_empty", "brain")
+    skip = {True: "brain", False: "none", None: "none"}.get(skip, skip)
+    return Preprocessing(
+        crop=crop,
+        slice_shape=(crop, crop) if crop else (240, 240),
+        image_size=data.get("image_size"),
+        skip_empty=skip,
+        min_brain_fraction=data.get("min_brain_fraction", 0.02),
+    )
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be loaded as plain data."""
+
+
+# What a tumorseg checkpoint holds besides tensors, containers, numbers and strings.
+SAFE_GLOBALS: tuple[Any, ...] = ()
+
+
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False
+) -> dict[str, Any]:
+    """The checkpoint dict, read as data only (``torch.load(weights_only=True)``).
+
+    A file holding any other object (which unpickling would construct, running its code) is
+    refused with a ``CheckpointError`` naming the type, unless ``trust``.
+    """
+    import pickle
+
+    if trust:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global '?([\w.]+)", str(err))
+        what = found.group(1) if found else first_line(err)
+        raise CheckpointError(
+            f"{path}: checkpoint holds a {what} object, which loading would run as code; "
+            "refused (pass --trust-checkpoint only for a file from a source you trust)"
+        ) from None
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False
+) -> SegModule:
     """Rebuild module and net from a checkpoint file alone (its stored config), with weights."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    ckpt = read_checkpoint(path, map_location, trust)
     config = ckpt.get("tumorseg_config")
     if not config:
         raise ValueError(f"{path}: checkpoint holds no tumorseg config")
     module: SegModule = instantiate(OmegaConf.create(config["model"]))
     module.load_state_dict(ckpt["state_dict"])
     module.config = config
+    module.on_load_checkpoint(ckpt)
     return module.eval()

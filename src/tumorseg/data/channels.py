@@ -1,4 +1,4 @@
-"""``tumorseg-channels``: check which stored image channel holds which MRI modality.
+"""Which stored image channel holds which MRI modality (behind ``tumorseg-channels``).
 
 The Kaggle h5 slices do not document their channel order. For the first N labelled cases this
 prints, per stored channel, the mean intensity (z-scored per volume over brain voxels) inside
@@ -14,20 +14,15 @@ and says whether the guess matches the configured order (``--channel-order``).
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from tumorseg.cli import ArgError, Parser
-from tumorseg.data.nifti import MODALITIES, Case, zscore
-from tumorseg.data.readers import FORMATS, list_cases
+from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.data.preprocess import zscore
+from tumorseg.data.readers import list_cases
 from tumorseg.errors import DataError
-from tumorseg.labels import CONVENTIONS
 
-PROG = "tumorseg-channels"
 REGIONS = ("brain", "NCR", "ED", "ET")  # background brain, then canonical labels 1, 2, 3
 
 
@@ -77,30 +72,19 @@ def table(means: np.ndarray, configured: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description="Mean z-scored intensity per channel and region.")
-    add = parser.add_argument
-    add("--input", type=Path, required=True, help="data set folder")
-    add("--format", choices=("auto", *FORMATS), default="auto", help="source format (auto)")
-    add("--cases", type=int, default=5, help="number of cases to look at (default 5)")
-    add(
-        "--channel-order",
-        default=",".join(MODALITIES),
-        help="modality of each stored Kaggle channel (default flair,t1,t1ce,t2)",
-    )
-    add("--labels", choices=sorted(CONVENTIONS), help="label convention (default: the format's)")
-    return parser
-
-
-def run(args: argparse.Namespace) -> str:
-    """The report for parsed arguments; bad input raises ``DataError``."""
-    order = tuple(name.strip().lower() for name in args.channel_order.split(","))
-    refs = list_cases(
-        args.input, args.format, labelled=True, channel_order=order, convention=args.labels
-    )
+def channel_report(
+    root: Path,
+    fmt: str = "auto",
+    cases: int = 5,
+    order: tuple[str, ...] = MODALITIES,
+    labels: str | None = None,
+) -> str:
+    """The report on the first ``cases`` labelled cases of ``root``; bad input raises
+    ``DataError``."""
+    refs = list_cases(root, fmt, labelled=True, channel_order=order, convention=labels)
     if not refs:
-        raise DataError(f"{args.input}: no labelled cases")
-    refs = refs[: args.cases]
+        raise DataError(f"{root}: no labelled cases")
+    refs = refs[:cases]
     sums, counts = np.zeros((4, 4)), np.zeros(4)
     for ref in refs:
         case_sums, case_counts = region_sums(ref.load())
@@ -113,28 +97,8 @@ def run(args: argparse.Namespace) -> str:
         configured = MODALITIES  # named by the files
     stored = means[[MODALITIES.index(m) for m in configured]]
     head = (
-        f"{len(refs)} {refs[0].format} cases from {args.input}: mean intensity "
+        f"{len(refs)} {refs[0].format} cases from {root}: mean intensity "
         "(z-scored per volume over brain voxels) per stored channel and region"
     )
     tail = verdict(guess_order(stored), configured, len(refs))
     return "\n".join([head, table(stored, configured), tail])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``tumorseg-channels --input DIR [--format F] [--cases N] ...``."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args = build_parser().parse_args(argv)
-        if args.cases < 1:
-            raise ArgError(f"--cases must be at least 1, got {args.cases}")
-        report = run(args)
-    except (ArgError, DataError, OSError) as err:
-        message = str(err).replace("\n", " ")
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,10 +19,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.data.preprocess import SKIP_EMPTY, Preprocessing, keep_slices, resize_batch
 from tumorseg.data.store import (
     MANIFEST,
     SPLITS_FILE,
@@ -37,7 +37,7 @@ from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-SKIP_EMPTY = ("none", "brain", "tumour")
+__all__ = ["BratsDataModule", "resize_batch", "split_cases"]
 
 
 # ---------------------------------------------------------------- splits
@@ -87,20 +87,6 @@ def kfold_cases(
 
 
 # ---------------------------------------------------------------- serving
-
-
-def resize_batch(
-    image: torch.Tensor, labels: torch.Tensor, size: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Area-resize ``image (N, C, H, W)`` and nearest-resize ``labels (N, H, W)`` to ``size``."""
-    if size is None or tuple(image.shape[-2:]) == (size, size):
-        return image, labels
-    image = F.interpolate(image, size=(size, size), mode="area")
-    h, w = labels.shape[-2:]
-    # nearest-exact: output pixel i takes input floor((i + 0.5) * in / out)
-    rows = ((torch.arange(size) + 0.5) * h / size).long()
-    cols = ((torch.arange(size) + 0.5) * w / size).long()
-    return image, labels[:, rows][:, :, cols]
 
 
 def keep_batch(batch: Any) -> Any:
@@ -209,7 +195,7 @@ def _skip_mode(value: Any) -> str:
 
 def _augment(augment: Any, flip: bool) -> Augment | None:
     """The training transform: ``augment`` (a dict of ``Augment`` fields, or False for none),
-    else flips only (``flip``: the W flip of earlier versions)."""
+    else left-right flips only (``flip``; ``Augment``'s default)."""
     if augment is False or (augment is None and not flip):
         return None
     if augment is None or augment is True:
@@ -236,7 +222,8 @@ class BratsDataModule(L.LightningDataModule):
         cache_root: folder of cached stores (None: ``cache`` beside ``root``).
         dtype, crop, channel_order, convention, prepare_workers, skip_bad: prepare options
             (see ``tumorseg-prepare``).
-        demo_cases, demo_seed: size and seed of the generated demo set.
+        demo_cases, demo_seed, demo_difficulty: size, seed and difficulty (``brats`` or
+            ``easy``) of the generated demo set.
         image_size: slices are resized to this square size per batch (None: store size).
         val_fraction, test_fraction, split_seed: patient-level split, test drawn first.
         fold, folds: k-fold cross-validation of the non-test cases (``fold`` None: plain split).
@@ -265,6 +252,7 @@ class BratsDataModule(L.LightningDataModule):
         skip_bad: bool = False,
         demo_cases: int = 20,
         demo_seed: int = 0,
+        demo_difficulty: str = "brats",
         image_size: int | None = 128,
         batch_size: int = 16,
         num_workers: int = 0,
@@ -292,10 +280,13 @@ class BratsDataModule(L.LightningDataModule):
         self._store: Store | None = None
         self._split: dict[str, list[str]] | None = None
         self._manifest: dict | None = None
+        self._prepared = False  # prepare_data ran in this process
 
     # ------------------------------------------------------------ the store
 
     def _prepare_options(self) -> dict:
+        from tumorseg.data.preprocess import ORIENTATION, SPACING
+
         h = self.hparams
         fmt = h.format
         if fmt == "auto" and self.root.is_dir():  # the same cache for auto and its answer
@@ -306,6 +297,8 @@ class BratsDataModule(L.LightningDataModule):
             "format": fmt,
             "dtype": h.dtype,
             "crop": h.crop,
+            "orientation": ORIENTATION,
+            "spacing": list(SPACING),
             "channel_order": list(h.channel_order),
             "convention": h.convention,
         }
@@ -343,7 +336,14 @@ class BratsDataModule(L.LightningDataModule):
         return ids != stored
 
     def prepare_data(self) -> None:
-        """Generate the demo set if asked, then prepare a raw ``root`` into its cached store."""
+        """Generate the demo set if asked, then prepare a raw ``root`` into its cached store.
+
+        Once per process: train.py prepares before the logger needs the manifest, and
+        ``Trainer.fit`` asks again.
+        """
+        if self._prepared:
+            return
+        self._prepared = True
         from tumorseg.data.prepare import prepare
 
         h = self.hparams
@@ -351,7 +351,7 @@ class BratsDataModule(L.LightningDataModule):
             from tumorseg.data.demo import write_demo
 
             # writes only the missing cases, so an interrupted generation resumes
-            write_demo(self.root, h.demo_cases, h.demo_seed)
+            write_demo(self.root, h.demo_cases, h.demo_seed, difficulty=h.demo_difficulty)
         if is_complete(self.root):
             return
         if not self.root.is_dir():
@@ -447,17 +447,28 @@ class BratsDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ datasets
 
+    def preprocessing(self) -> Preprocessing:
+        """What turns a raw case into a served slice: the store's orientation, spacing and crop,
+        this module's resize and slice filter. Checkpoints record it; inference replays it."""
+        m, h = self.store.manifest, self.hparams
+        return Preprocessing(
+            orientation=m.get("orientation", "LPS"),
+            spacing=tuple(m.get("spacing", (1.0, 1.0))),
+            crop=m.get("crop"),
+            slice_shape=self.store.shape,
+            image_size=h.image_size,
+            skip_empty=self.skip_empty,
+            min_brain_fraction=h.min_brain_fraction,
+        )
+
     def _rows(self, name: str, case_ids: list[str]) -> tuple[np.ndarray, list[tuple[str, int]]]:
         """Store rows of the kept slices of ``case_ids`` and their ``(case, z)``."""
-        store, h = self.store, self.hparams
-        area = store.shape[0] * store.shape[1]
+        store, pre = self.store, self.preprocessing()
         rows, index = [], []
         for cid in case_ids:
             r = np.arange(store.case_range(cid).start, store.case_range(cid).stop)
             meta = store.slices[r]
-            keep = np.ones(len(r), dtype=bool)
-            if self.skip_empty != "none":
-                keep &= meta["brain"] >= h.min_brain_fraction * area
+            keep = keep_slices(meta["brain"], pre)
             if self.skip_empty == "tumour" and name == "train":
                 keep &= meta["tumour"] > 0
             rows.append(r[keep])
@@ -528,6 +539,27 @@ class BratsDataModule(L.LightningDataModule):
         items = sorted([best[c] for c in sorted(best)][:n], key=lambda i: ds.rows[i])
         image, labels = ds.read(items)  # read() returns rows in store order
         return image, labels, [index[i] for i in items]
+
+    def raw_cases(self, split: str) -> Iterator[Case] | None:
+        """Whole cases of a split as the reader gives them (raw intensities, native grid), for
+        the test stage to predict exactly as ``tumorseg-predict`` would; None when ``root`` is
+        a store (its source may be gone)."""
+        if is_complete(self.root):
+            return None
+        from tumorseg.data import readers
+
+        h = self.hparams
+        refs = readers.list_cases(
+            self.root,
+            h.format,
+            True,
+            tuple(h.channel_order),
+            skip_bad=h.skip_bad,
+            convention=h.convention,
+        )
+        by_id = {r.case_id: r for r in refs}
+        wanted = [by_id[c] for c in self.split()[split] if c in by_id]
+        return (ref.load() for ref in wanted)
 
     def iter_cases(self, split: str) -> Iterator[Case]:
         """Whole cases of a split, one at a time, at store size: normalised images

@@ -104,15 +104,3 @@ def read_case(folder: str | Path, convention: str = "brats2020", with_seg: bool 
             raise DataError(f"{folder}: missing segmentation {cid}_seg.nii.gz")
         seg = read_seg(seg_path, image.shape[1:], paths[0].name, convention)
     return Case(cid, image, seg, affine)
-
-
-def zscore(image: np.ndarray) -> np.ndarray:
-    """Per-modality z-score over brain voxels (any modality non-zero); background stays 0."""
-    brain = (image != 0).any(0)
-    out = np.zeros_like(image, dtype=np.float32)
-    if not brain.any():
-        return out
-    for c in range(image.shape[0]):
-        values = image[c][brain]
-        out[c][brain] = (values - values.mean()) / max(float(values.std()), 1e-6)
-    return out

@@ -1,7 +1,9 @@
-"""``tumorseg-prepare``: convert a BraTS source (Kaggle h5, BraTS NIfTI, MSD) into a slice store.
+"""Convert a BraTS source (Kaggle h5, BraTS NIfTI, MSD) into a slice store (``prepare``, behind
+``tumorseg-prepare``).
 
-Each case is read with ``tumorseg.data.readers``, z-scored per modality over brain voxels,
-optionally cropped in-plane to ``N x N`` around the brain (never cutting tumour) and written as
+Each case is read with ``tumorseg.data.readers``, brought onto the training grid, z-scored and
+optionally cropped in-plane to ``N x N`` around the brain (never cutting tumour), all by
+``tumorseg.data.preprocess``, and written as
 its own files in ``DST.partial/cases/``; a rerun skips the cases already there. Then the case
 files are copied one at a time into ``images.npy`` / ``labels.npy`` (memory-mapped), the content
 hash is computed on the way, ``manifest.json`` is written last and ``DST.partial`` is renamed to
@@ -12,7 +14,6 @@ hash is computed on the way, ``manifest.json`` is written last and ``DST.partial
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import multiprocessing
@@ -29,8 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from tumorseg.cli import ArgError, Parser
-from tumorseg.data.nifti import MODALITIES, Case, zscore
+from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.data.preprocess import (
+    ORIENTATION,
+    SPACING,
+    Preprocessing,
+    brain_mask,
+    crop_origin,
+    to_training_grid,
+    window,
+    zscore,
+)
 from tumorseg.data.store import (
     DTYPES,
     FORMAT_VERSION,
@@ -50,7 +60,6 @@ from tumorseg.data.store import (
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
-PROG = "tumorseg-prepare"
 CASES = "cases"  # per-case results inside DST.partial
 OPTIONS = "options.json"  # the options DST.partial was started with
 
@@ -73,67 +82,28 @@ def intensity_stats(image: np.ndarray, brain: np.ndarray) -> dict[str, dict[str,
     return stats
 
 
-def _axis_start(size: int, n: int, brain: np.ndarray, tumour: np.ndarray) -> tuple[int, str]:
-    """Start of an ``n`` wide window along one axis: centred on the brain, holding the tumour.
+def convert(
+    case: Case, dtype: str, crop: int | None, pre: Preprocessing | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Normalised slices ``(Z, 4, H, W)`` in ``dtype``, labels ``(Z, H, W)`` and a summary.
 
-    Returns the start and, when the tumour is wider than ``n``, a description of the problem.
+    The steps are ``tumorseg.data.preprocess``'s: orientation and in-plane spacing of ``pre``,
+    z-score, and the crop window (which, for training, also holds the whole tumour).
     """
-    lo, hi = (min(0, size - n), max(0, size - n))  # window inside the image, or covering it
-    if brain.any():
-        b = np.flatnonzero(brain)
-        start = int(round((b[0] + b[-1] + 1) / 2 - n / 2))
-    else:
-        start = (size - n) // 2
-    start = min(max(start, lo), hi)
-    if tumour.any():
-        t = np.flatnonzero(tumour)
-        extent = int(t[-1] - t[0] + 1)
-        if extent > n:
-            return start, f"tumour spans {extent} voxels, more than --crop {n}"
-        start = min(start, int(t[0]))  # move the window to take in the whole tumour
-        start = max(start, int(t[-1]) - n + 1)
-    return start, ""
-
-
-def crop_origin(brain: np.ndarray, tumour: np.ndarray, n: int, case_id: str) -> tuple[int, int]:
-    """In-plane window origin for ``brain`` / ``tumour`` masks ``(X, Y, Z)``; DataError naming
-    the case when its tumour does not fit in ``n x n``."""
-    origin = []
-    for axis, name in ((0, "x"), (1, "y")):
-        other = tuple(a for a in range(3) if a != axis)
-        start, problem = _axis_start(brain.shape[axis], n, brain.any(other), tumour.any(other))
-        if problem:
-            raise DataError(f"{case_id}: {problem} along {name}")
-        origin.append(start)
-    return origin[0], origin[1]
-
-
-def window(array: np.ndarray, origin: tuple[int, int], n: int, axes: tuple[int, int]) -> np.ndarray:
-    """``n x n`` window of ``array`` over ``axes`` at ``origin``; outside the array is zero."""
-    shape = list(array.shape)
-    src, dst = [slice(None)] * array.ndim, [slice(None)] * array.ndim
-    for axis, start in zip(axes, origin, strict=True):
-        shape[axis] = n
-        a, b = max(start, 0), min(start + n, array.shape[axis])
-        src[axis], dst[axis] = slice(a, b), slice(a - start, b - start)
-    out = np.zeros(shape, dtype=array.dtype)
-    out[tuple(dst)] = array[tuple(src)]
-    return out
-
-
-def convert(case: Case, dtype: str, crop: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Normalised slices ``(Z, 4, H, W)`` in ``dtype``, labels ``(Z, H, W)`` and a summary."""
     if case.seg is None:
         raise DataError(f"{case.case_id}: no segmentation")
-    brain = (case.image != 0).any(0)
-    stats = intensity_stats(case.image, brain)
-    image, seg = zscore(case.image), case.seg
+    pre = pre or Preprocessing()
+    image, seg, affine = to_training_grid(case.image, case.seg, case.affine, pre, case.case_id)
+    brain = brain_mask(image)
+    stats = intensity_stats(image, brain)
+    volume_shape = seg.shape
+    image = zscore(image)
     origin = None
     if crop:
         origin = crop_origin(brain, seg > 0, crop, case.case_id)
         image = window(image, origin, crop, (1, 2))
         seg = window(seg, origin, crop, (0, 1))
-    affine = np.array(case.affine, dtype=float)
+    affine = np.array(affine, dtype=float)
     if origin:  # the stored voxel (0, 0) is the source voxel ``origin``
         affine[:3, 3] += affine[:3, :2] @ np.asarray(origin, dtype=float)
     slices = np.ascontiguousarray(image.transpose(3, 0, 1, 2), dtype=dtype)
@@ -143,7 +113,7 @@ def convert(case: Case, dtype: str, crop: int | None) -> tuple[np.ndarray, np.nd
         "id": case.case_id,
         "count": len(labels),
         "shape": list(labels.shape[1:]),
-        "volume_shape": list(case.seg.shape),
+        "volume_shape": list(volume_shape),
         "crop_origin": list(origin) if origin else None,
         "affine": affine.tolist(),
         "stats": stats,
@@ -184,6 +154,8 @@ def _options(
         "format": fmt,
         "dtype": dtype,
         "crop": crop,
+        "orientation": ORIENTATION,
+        "spacing": list(SPACING),
         "channel_order": list(order),
         "convention": convention,
     }
@@ -504,88 +476,3 @@ def _build(
     shutil.rmtree(cases_dir)
     (partial / OPTIONS).unlink()
     return manifest
-
-
-# ---------------------------------------------------------------- command line
-
-
-def channel_list(text: str) -> tuple[str, ...]:
-    """``"t1,t1ce,t2,flair"`` -> a tuple naming each modality once."""
-    names = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-    if sorted(names) != sorted(MODALITIES):
-        raise argparse.ArgumentTypeError(
-            f"must name each of {','.join(MODALITIES)} once, got {text!r}"
-        )
-    return names
-
-
-def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description="Convert a BraTS data set into a packed slice store.")
-    add = parser.add_argument
-    add("--input", required=True, type=Path, help="data set folder (Kaggle h5, BraTS, MSD)")
-    add("--output", required=True, type=Path, help="store folder to create")
-    add("--format", default="auto", choices=("auto", "kaggle-h5", "brats", "msd"))
-    add("--dtype", default="float16", choices=DTYPES, help="image dtype (default float16)")
-    add("--crop", type=int, default=None, help="crop slices to N x N around the brain")
-    add("--workers", type=int, default=1, help="worker processes (default 1)")
-    add("--skip-bad", action="store_true", help="leave out bad cases instead of failing")
-    add("--channel-order", type=channel_list, default=MODALITIES, help="Kaggle image channels")
-    add("--force", action="store_true", help="rebuild a store that is already complete")
-    add("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def _size(path: Path) -> str:
-    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line; exit 0 done, 2 bad arguments or bad input, 1 cannot write."""
-    try:
-        args = build_parser().parse_args(argv)
-        check_options(args.dtype, args.crop, args.workers)
-    except (ArgError, ValueError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    dst = args.output.absolute()
-    if is_complete(dst) and not args.force:
-        print(f"{dst}: slice store already complete (use --force to rebuild)")
-        return 0
-    start = time.perf_counter()
-    try:
-        manifest = prepare(
-            args.input,
-            dst,
-            args.format,
-            args.dtype,
-            args.crop,
-            args.workers,
-            args.skip_bad,
-            progress=not args.quiet,
-            channel_order=args.channel_order,
-            force=args.force,
-        )
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    except OSError as err:
-        print(f"error: {err.filename or dst}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    for bad in manifest["skipped"]:
-        print(f"skipped {bad['id']}: {bad['reason']}")
-    h, w = manifest["shape"]
-    print(
-        f"{dst}: {len(manifest['cases'])} cases, {manifest['total_slices']} slices "
-        f"{h}x{w} {manifest['dtype']}, {len(manifest['skipped'])} skipped, {_size(dst)}, "
-        f"{time.perf_counter() - start:.1f} s"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,7 +20,10 @@ class Augment:
     """Random augmentation; every probability 0 (or range 0) switches that part off.
 
     Args:
-        flip_x, flip_y: probability of flipping along H (volume x) / W (volume y).
+        flip_x: probability of mirroring along x, the slice's H axis: left-right in the
+            training orientation (LPS), where brains are close to symmetric.
+        flip_y: probability of mirroring along y (W): anterior-posterior, which brains are not
+            symmetric about; off by default.
         p_spatial: probability of a rotation + scaling of a sample.
         rotate: largest rotation in degrees (uniform in ``[-rotate, rotate]``).
         scale: largest relative zoom (factor uniform in ``[1 - scale, 1 + scale]``).
@@ -31,8 +34,8 @@ class Augment:
             intensities rescaled to [0, 1] per channel and mapped back.
     """
 
-    flip_x: float = 0.0
-    flip_y: float = 0.5
+    flip_x: float = 0.5
+    flip_y: float = 0.0
     p_spatial: float = 0.0
     rotate: float = 15.0
     scale: float = 0.1

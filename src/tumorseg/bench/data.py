@@ -13,7 +13,7 @@ Each runs with a warm page cache (after a full untimed pass) and a cold one. Col
 ``fsync``); the report says
 which one was used and how much of the files ``mincore`` still found in memory. Timing starts
 at the first batch (worker start-up excluded). Without ``--input`` a synthetic Kaggle set is
-written first (``tests/fixtures.py``'s writer when importable) and prepared into a store; the
+written first and prepared into a store; the
 prepare time is reported too::
 
     tumorseg-bench-data --volumes 8 --workers 0,2 --output bench_data.md
@@ -95,14 +95,8 @@ def _own_kaggle_writer(root: Path, volumes: Iterable[int], slices: int, size: in
 
 def write_kaggle(root: Path, volumes: int, slices: int, size: int) -> str:
     """Write a synthetic Kaggle set; returns which writer was used."""
-    ids = range(1, volumes + 1)
-    try:
-        from tests.fixtures import write_kaggle_h5
-    except ImportError:
-        _own_kaggle_writer(root, ids, slices, size)
-        return "tumorseg.data.bench"
-    write_kaggle_h5(root, ids, rng=0, slices=slices, size=size)
-    return "tests/fixtures.py write_kaggle_h5"
+    _own_kaggle_writer(root, range(1, volumes + 1), slices, size)
+    return "tumorseg.bench.data"
 
 
 # ---------------------------------------------------------------- the per-file baseline

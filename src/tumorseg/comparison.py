@@ -1,14 +1,14 @@
 """Compare U-Net variants from their MLflow runs: table, figures and paired case-level tests.
 
-``tumorseg-report --experiment NAME`` reads the FINISHED training runs of an MLflow experiment
-(Optuna parent runs, tagged ``optuna_parent``, and earlier reports are skipped), groups them by
-their ``variant`` tag and writes into ``--output`` (default ``reports/<experiment>``)::
+``build_report`` (behind ``tumorseg-report --experiment NAME``) reads the FINISHED training
+runs of an MLflow experiment (Optuna parent runs, tagged ``optuna_parent``, and earlier reports
+are skipped), groups them by their ``variant`` tag and writes into ``--output`` (default
+``reports/<experiment>``)::
 
     tumorseg-report --experiment variant_comparison --output experiments/variant_comparison
 
 * ``summary.md``, ``summary.csv``: per variant, the number of runs and mean ± std (ddof 1, over
-  the variant's runs, i.e. seeds or folds) of ``<prefix>/{dice,iou,acc}_{wt,tc,et}``
-  (``<prefix>/accuracy_<region>`` where ``acc`` is absent);
+  the variant's runs, i.e. seeds or folds) of ``<prefix>/{dice,iou,acc}_{wt,tc,et}``;
   ``summary.md`` also lists every run and whether it has case-level results.
 * ``learning_curves.png``: ``val/dice_mean`` per epoch, mean over a variant's runs with a
   ±1 std band.
@@ -23,13 +23,12 @@ their ``variant`` tag and writes into ``--output`` (default ``reports/<experimen
 
 The same files are logged as artifacts of a new run named ``report`` (tag ``report=true``) in
 the experiment. Tracking URI: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///mlruns/mlflow.db`` (a SQLite file that does not exist is an error, not a new store).
+the project's local store (a SQLite file that does not exist is an error, not a new store).
 Exit status: 0, 2 for bad input (nothing written), 1 when writing or logging fails.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import os
@@ -43,24 +42,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
-from tumorseg.errors import DataError
+from tumorseg.errors import DataError, first_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-PROG = "tumorseg-report"
 REGIONS = ("wt", "tc", "et")
 METRICS = {"dice": "Dice", "iou": "IoU", "acc": "acc."}  # MLflow key part -> table header
-# other spellings of a key part: the case-level test stage logs <prefix>/accuracy_<region>
-ALIASES = {"acc": ("acc", "accuracy")}
 PREFERRED_ORDER = ("unet", "attention_unet", "residual_unet")  # the baseline first
 CURVE_METRIC = "val/dice_mean"
 CASE_ARTIFACT = "evaluation/test_cases.csv"
 MIN_PAIRS = 6  # below this the exact two-sided Wilcoxon p-value cannot reach 0.05
-DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 FILES = (
     "summary.md",
     "summary.csv",
@@ -77,8 +70,10 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(given: str | None) -> str:
-    """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db``."""
-    return given or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``--tracking-uri``, else the project's default (``tumorseg.tracking``)."""
+    from tumorseg.tracking import default_tracking_uri
+
+    return given or default_tracking_uri()
 
 
 def open_client(uri: str) -> MlflowClient:
@@ -89,10 +84,6 @@ def open_client(uri: str) -> MlflowClient:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise DataError(f"MLflow store {uri} does not exist")
     return MlflowClient(tracking_uri=uri)
-
-
-def first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def find_experiment(client: MlflowClient, name: str) -> str:
@@ -146,12 +137,8 @@ def variant_order(names: Sequence[str]) -> list[str]:
 
 
 def metric_value(metrics: dict[str, float], prefix: str, metric: str, region: str) -> float:
-    """``<prefix>/<metric>_<region>`` under its first spelling present, else NaN."""
-    for name in ALIASES.get(metric, (metric,)):
-        key = f"{prefix}/{name}_{region}"
-        if key in metrics:
-            return metrics[key]
-    return np.nan
+    """``<prefix>/<metric>_<region>``, else NaN."""
+    return metrics.get(f"{prefix}/{metric}_{region}", np.nan)
 
 
 def runs_frame(runs: Sequence[Run], prefix: str) -> pd.DataFrame:
@@ -537,50 +524,25 @@ def log_report(
     return run_id
 
 
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- everything
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description="Compare model variants from their MLflow runs.")
-    add = parser.add_argument
-    add("--experiment", required=True, help="MLflow experiment name")
-    add("--output", type=Path, help="output folder (default reports/<experiment>)")
-    add("--tracking-uri", metavar="URI", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI)")
-    add("--filter", metavar="EXPR", help="extra MLflow run filter, e.g. \"tags.sweep = '...'\"")
-    add("--metric-prefix", default="test", help="metrics <prefix>/dice_wt ... (default test)")
-    return parser
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.output is None:
-        args.output = Path("reports") / args.experiment
-    if args.output.exists() and not args.output.is_dir():
-        raise ArgError(f"--output {args.output} is not a folder")
-    if not args.metric_prefix.strip("/"):
-        raise ArgError("--metric-prefix is empty")
-    args.metric_prefix = args.metric_prefix.strip("/")
-    return args
-
-
-def error(message: str) -> None:
-    cli.error(PROG, message)
-
-
-def build_report(client: MlflowClient, args: argparse.Namespace) -> tuple[str, dict, dict]:
+def build_report(
+    client: MlflowClient, experiment: str, where: str | None = None, prefix: str = "test"
+) -> tuple[str, dict, dict]:
     """Read the runs and compute everything: experiment id, file writers, context."""
-    experiment_id = find_experiment(client, args.experiment)
-    runs = training_runs(client, experiment_id, args.filter)
+    experiment_id = find_experiment(client, experiment)
+    runs = training_runs(client, experiment_id, where)
     if not runs:
-        where = f" matching {args.filter!r}" if args.filter else ""
-        raise DataError(f"experiment {args.experiment!r} has no FINISHED training runs{where}")
-    frame = runs_frame(runs, args.metric_prefix)
-    check_metrics(frame, args.metric_prefix)
+        matching = f" matching {where!r}" if where else ""
+        raise DataError(f"experiment {experiment!r} has no FINISHED training runs{matching}")
+    frame = runs_frame(runs, prefix)
+    check_metrics(frame, prefix)
     variants = variant_order(frame["variant"].unique().tolist())
     context = {
-        "experiment": args.experiment,
-        "filter": args.filter or "",
-        "prefix": args.metric_prefix,
+        "experiment": experiment,
+        "filter": where or "",
+        "prefix": prefix,
         "n_runs": str(len(frame)),
     }
     summary = summary_table(frame, variants)
@@ -600,39 +562,3 @@ def build_report(client: MlflowClient, args: argparse.Namespace) -> tuple[str, d
     if not means.empty:
         writers["case_dice_boxplot.png"] = lambda p: save_boxplot(means, variants, p)
     return experiment_id, writers, context
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line; returns 0, 2 for bad input (nothing written) or 1 if writing fails."""
-    args = cli.start(PROG, lambda: parse_args(argv))
-    if isinstance(args, int):
-        return args
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-    uri = tracking_uri(args.tracking_uri)
-    try:
-        client = open_client(uri)
-        experiment_id, writers, context = build_report(client, args)
-    except DataError as err:
-        error(str(err))
-        return 2
-
-    try:
-        paths = write_files(args.output, writers)
-    except OSError as err:
-        error(f"cannot write {args.output}: {err}")
-        return 1
-    print(f"{context['n_runs']} runs; wrote " + ", ".join(str(p) for p in paths))
-    print((args.output / "summary.md").read_text().split("\n## Runs")[0].rstrip())
-
-    try:
-        run_id = log_report(client, experiment_id, paths, context)
-    except Exception as err:  # store failures: the files are already written
-        error(f"cannot log the report to MLflow at {uri}: {first_line(err)}")
-        return 1
-    print(f"logged to MLflow run {run_id} (name report) in experiment {args.experiment!r}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
