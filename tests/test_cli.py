@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def client_for(cwd: Path) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
 
 
 def runs_of(cwd: Path):

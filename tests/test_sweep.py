@@ -134,7 +134,7 @@ def study_of(cwd: Path, name: str = "tumorseg-unet") -> optuna.Study:
 
 def mlflow_runs(cwd: Path) -> tuple[MlflowClient, dict, list]:
     """The study's parent run and its trial runs (oldest first)."""
-    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tumorseg")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("optuna_parent") == "true"]

@@ -1,9 +1,12 @@
-"""Records a run in MLflow: params, config, data manifest, best checkpoint, preview PNG."""
+"""Records a run in MLflow: params, config, data sets, best checkpoint, preview PNG, system
+metrics."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -15,7 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from tumorseg.labels import labels_from_regions
-from tumorseg.tracking import flatten
+from tumorseg.tracking import dataset_inputs, flatten
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -26,6 +29,18 @@ COLOURS = np.array([[0, 0, 0, 0], [1, 0.2, 0.2, 0.6], [0.2, 0.9, 0.2, 0.45], [1,
 
 def _mlflow(trainer: L.Trainer) -> MLFlowLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+
+
+@contextmanager
+def _warnings_only(name: str) -> Iterator[None]:
+    """Logger ``name`` passes warnings and errors only, inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def preview_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: list[str]):
@@ -48,8 +63,9 @@ def preview_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names
 
 
 class MlflowArtifacts(L.Callback):
-    """Logs the run's params, config YAML and data manifest at fit start; the best checkpoint and a
-    PNG of fixed validation slices (FLAIR, ground truth, prediction) at fit end."""
+    """Logs the run's params, config YAML, data manifest and data set inputs (training, validation,
+    test) at fit start; the best checkpoint and a PNG of fixed validation slices (FLAIR, ground
+    truth, prediction) at fit end."""
 
     def __init__(self, preview_slices: int = 4) -> None:
         self.preview_slices = preview_slices
@@ -66,6 +82,7 @@ class MlflowArtifacts(L.Callback):
         manifest = getattr(trainer.datamodule, "manifest", None)
         if manifest is not None:
             client.log_dict(run_id, manifest(), "data_manifest.json")
+            client.log_inputs(run_id, datasets=dataset_inputs(manifest()))
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -93,3 +110,41 @@ class MlflowArtifacts(L.Callback):
         pred = labels_from_regions(pl_module.predict_regions(logits)).cpu().numpy()
         names = [f"{cid} z={z}" for cid, z in index]
         return preview_figure(image.numpy(), labels.numpy(), pred, names)
+
+
+class SystemMetrics(L.Callback):
+    """CPU, memory, disk and network use (and utilisation and memory of NVIDIA GPUs, through
+    nvidia-ml-py) logged as ``system/*`` to the run's System metrics tab while it trains.
+
+    MLflow's own monitor samples every ``sampling_interval`` seconds in a thread on rank 0 and
+    logs the mean of ``samples_before_logging`` samples. ``callbacks.system_metrics=null`` turns
+    it off.
+    """
+
+    def __init__(self, sampling_interval: float = 10.0, samples_before_logging: int = 1) -> None:
+        self.sampling_interval = sampling_interval
+        self.samples_before_logging = samples_before_logging
+        self._monitor = None
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger = _mlflow(trainer)
+        if logger is None or self._monitor is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        with _warnings_only("mlflow.system_metrics"):  # no "skipping GPU metrics" on CPUs
+            self._monitor = SystemMetricsMonitor(
+                logger.run_id,
+                sampling_interval=self.sampling_interval,
+                samples_before_logging=self.samples_before_logging,
+                resume_logging=bool(trainer.ckpt_path),  # a resumed run continues its steps
+                tracking_uri=logger._tracking_uri,
+            )
+            self._monitor.start()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._monitor is not None:
+            with _warnings_only("mlflow.system_metrics"):
+                self._monitor.finish()
+            self._monitor = None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import tempfile
 import warnings
@@ -29,12 +28,11 @@ import lightning as L
 import optuna
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from tumorseg.tracking import default_tracking_uri
+from tumorseg import tracking
 
 log = logging.getLogger(__name__)
 
@@ -173,23 +171,7 @@ class OptunaPruning(L.Callback):
 
 def tracking_target(mlflow_cfg: Mapping[str, Any]) -> tuple[str, str | None]:
     """Tracking URI and new-experiment artifact location, as ``make_mlflow_logger`` picks them."""
-    explicit = mlflow_cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    if explicit:
-        return explicit, None
-    mlruns = Path(mlflow_cfg["mlruns_dir"])
-    mlruns.mkdir(parents=True, exist_ok=True)
-    return default_tracking_uri(mlruns), (mlruns.resolve() / "artifacts").as_uri()
-
-
-def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    """Id of experiment ``name``, created when missing (another process may just have)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:
-        return client.get_experiment_by_name(name).experiment_id
+    return tracking.tracking_target(mlflow_cfg.get("tracking_uri"), mlflow_cfg.get("root_dir"))
 
 
 @dataclass
@@ -207,7 +189,7 @@ class StudyRuns:
         """Connect as the training runs do and find (or start) the study's parent run."""
         uri, artifacts = tracking_target(mlflow_cfg)
         client = MlflowClient(tracking_uri=uri)
-        exp = experiment_id(client, mlflow_cfg["experiment_name"], artifacts)
+        exp = tracking.ensure_experiment(client, mlflow_cfg["experiment_name"], artifacts)
         runs = cls(client, exp, study_name, storage)
         runs.parent_id = runs._parent()
         return runs

@@ -12,10 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tumorseg.config import CONF_DIR
+from tumorseg.console import quiet
 from tumorseg.errors import DataError
 from tumorseg.launch import ddp_child_config, ddp_job, devices_tag
 from tumorseg.precision import auto_precision, uses_gpu
-from tumorseg.tracking import git_commit
+from tumorseg.tracking import git_commit, run_link
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def run(cfg: DictConfig) -> float | None:
     """Train (and test) as ``cfg`` says; returns the best ``val/dice_mean``."""
     import lightning as L
 
+    quiet()
     run_id = None
     if cfg.get("ckpt_path"):
         cfg, run_id = resume_config(cfg)
@@ -107,6 +109,8 @@ def run(cfg: DictConfig) -> float | None:
     if logger is not None:
         logger.tags = {**(logger.tags or {}), "devices": devices_tag(trainer)}  # before the run
     log.info("precision %s, variant %s", cfg.trainer.precision, cfg.model.name)
+    if logger is not None and _is_rank_zero():
+        log.info("%s", run_link(logger))
     if cfg.get("train", True):
         with ddp_job(config, cfg.paths.output_dir):  # DDP children run this job, nothing else
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -115,6 +119,8 @@ def run(cfg: DictConfig) -> float | None:
         run_test_stage(cfg, trainer, model, datamodule, logger)
     if best is None:
         best = trainer.callback_metrics.get("val/dice_mean")
+    if logger is not None and _is_rank_zero():
+        log.info("%s", run_link(logger))
     return float(best) if best is not None else None
 
 

@@ -322,7 +322,8 @@ def write_demo(output: str | Path, cases: int, seed: int = 0, progress: bool = T
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, disable=not progress) as bar:
+    missing = [i for i in range(1, cases + 1) if not _complete(output / case_id(i))]
+    with Progress(*columns, disable=not progress or not missing) as bar:  # no bar: no work
         task = bar.add_task("Synthesising BraTS demo cases", total=cases)
         for index in range(1, cases + 1):
             folder = output / case_id(index)
