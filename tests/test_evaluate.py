@@ -12,14 +12,14 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from tumorseg.cli.evaluate import main
-from tumorseg.scoring import EMPTY_HD95, METRICS, case_metrics, hd95, summarise
+from tumorseg.scoring import BASE_METRICS, EMPTY_HD95, METRICS, case_metrics, hd95, summarise
 
 # seaborn 0.13 passes matplotlib 3.11's deprecated ``vert`` to boxplot
 pytestmark = pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
 
 SHAPE = (20, 20, 10)
 SPACING = (1.0, 1.0, 2.0)
-OUTPUTS = ("metrics.csv", "metrics_summary.csv", "metrics_boxplot.png")
+OUTPUTS = ("metrics.csv", "metrics_summary.csv", "metrics_boxplot.png", "metrics_lesions.csv")
 
 
 def blob(center: tuple[int, int, int], radius: int, label: int) -> np.ndarray:
@@ -267,7 +267,7 @@ def test_cli_writes_metrics_summary_and_plot(tmp_path, layout, capsys):
     shifted = df[df.case_id == "case_b"].set_index("region")
     expected = case_metrics(tumour(1), tumour(), SPACING)
     for region in ("wt", "tc", "et"):
-        for metric in METRICS:
+        for metric in BASE_METRICS:
             assert shifted.loc[region, metric] == pytest.approx(expected[region][metric])
     summary = pd.read_csv(out / "metrics_summary.csv")
     assert len(summary) == len(METRICS) * 3 and set(summary.n) == {3}

@@ -226,3 +226,92 @@ def test_bad_input_is_refused():
         score_region(a, a, (1, 1, 1), hd95="mean")
     with pytest.raises(ValueError, match="tolerance"):
         score_region(a, a, (1, 1, 1), nsd_tolerance=-1)
+
+
+# ---------------------------------------------------------------- tumorseg-evaluate
+
+
+def run_evaluate(tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    """``tumorseg-evaluate`` on the parity fixtures (references copied to ``<id>.nii.gz``)."""
+    import shutil
+
+    from tumorseg.cli.evaluate import main
+
+    refs = tmp_path / "ref"
+    refs.mkdir()
+    for case_id in CASES:
+        shutil.copy(DATA / "references" / f"{case_id}-seg.nii.gz", refs / f"{case_id}.nii.gz")
+    out = tmp_path / "out" / "metrics.csv"
+    args = ["--predictions", str(DATA / "predictions"), "--references", str(refs)]
+    code = main([*args, "--output", str(out), "--labels", "brats2024", "--quiet", *extra])
+    return code, out
+
+
+@pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
+def test_evaluate_cli_reports_the_official_lesion_wise_numbers(tmp_path):
+    import pandas as pd
+
+    code, out = run_evaluate(tmp_path)
+    assert code == 0
+    df = pd.read_csv(out).set_index(["case_id", "region"])
+    lesions = pd.read_csv(out.with_name("metrics_lesions.csv"))
+    columns = {
+        "lesions_ref": "n_ref",
+        "lesions_pred": "n_pred",
+        "matched": "tp",
+        "missed": "fn",
+        "false": "fp",
+        "lesion_dice": "lesion_dsc",
+        "lesion_nsd": "lesion_nsd",
+        "penalised_dice": "penalised_dsc",
+        "penalised_nsd": "penalised_nsd",
+        "penalised_hd95": "penalised_hd95",
+    }
+    for case_id in ISOTROPIC:
+        for region in ("wt", "tc", "et"):
+            row, official = df.loc[(case_id, region)], CASES[case_id]["regions"][region]
+            for ours, theirs in columns.items():
+                assert close(row[ours], official[theirs]), (case_id, region, ours)
+            assert close(row["lesion_hd95"], lesions_reported(official["lesion_hd95"]))
+            assert close(row["nsd"], official["global_nsd"])
+            if official["tp"]:  # overlapping masks: the case-level Dice and HD95 agree too
+                assert close(row["dice"], official["global_dsc"])
+                assert close(row["hd95"], official["global_hd95"])
+            mine = lesions[(lesions.case_id == case_id) & (lesions.region == region)]
+            assert sorted(mine[mine.status == "matched"].ref_voxels) == sorted(
+                x["voxels"] for x in official["lesions"] if x["matched"]
+            )
+            assert (mine.status == "false").sum() == official["fp"]
+            assert (mine.loc[mine.status != "matched", "hd95"] == 373.0).all()
+
+
+def lesions_reported(value: float) -> float:
+    return 373.0 if math.isinf(value) else value
+
+
+@pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
+def test_evaluate_cli_hd95_max_names_its_columns(tmp_path):
+    import pandas as pd
+
+    code, out = run_evaluate(tmp_path, "--hd95", "max", "--nsd-tolerance", "2")
+    assert code == 0
+    df = pd.read_csv(out)
+    assert {"hd95_max", "lesion_hd95_max", "penalised_hd95_max"} <= set(df.columns)
+    assert not {"hd95", "lesion_hd95", "penalised_hd95"} & set(df.columns)
+    assert "hd95_max" in pd.read_csv(out.with_name("metrics_lesions.csv")).columns
+    assert "hd95_max" in set(pd.read_csv(out.with_name("metrics_summary.csv")).metric)
+    # the far false blob of case 3 is hidden by the pooled HD95 and not by max
+    pred, ref, spacing = load("BraTS-GLI-00003-000")
+    wt = score_region(np.isin(pred, (1, 2, 3)), np.isin(ref, (1, 2, 3)), spacing, hd95="max")
+    row = df[(df.case_id == "BraTS-GLI-00003-000") & (df.region == "wt")].iloc[0]
+    assert row["hd95_max"] == pytest.approx(wt.hd95) and wt.hd95 > 10 > row["lesion_hd95_max"]
+    assert row["nsd"] == pytest.approx(
+        score_region(*(np.isin(a, (1, 2, 3)) for a in (pred, ref)), spacing, nsd_tolerance=2).nsd
+    )
+
+
+def test_evaluate_cli_refuses_a_negative_tolerance(tmp_path, capsys):
+    code, out = run_evaluate(tmp_path, "--nsd-tolerance", "-1")
+    assert code == 2 and not out.parent.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nsd-tolerance" in err

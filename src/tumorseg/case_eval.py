@@ -3,8 +3,10 @@
 Each test case is predicted exactly as ``tumorseg-predict`` would predict it (the same
 ``tumorseg.inference.predict_case`` on the raw case, replaying the checkpoint's preprocessing),
 and scored on its own grid by ``tumorseg.scoring``. The numbers are per case (Dice, IoU,
-accuracy, sensitivity, specificity, HD95 for WT, TC, ET), then averaged over cases:
-``test/dice_wt`` is the mean case Dice, as BraTS reports it.
+accuracy, sensitivity, specificity, HD95, NSD and the lesion-wise BraTS metrics for WT, TC, ET),
+then averaged over cases: ``test/dice_wt`` is the mean case Dice, as BraTS reports it, and
+``test/lesion_dice_wt`` / ``test/lesion_hd95_wt`` the mean lesion-wise scores. The HD95
+convention is the config's ``test_hd95`` (``pooled``, or ``max``: metrics ``test/hd95_max_*``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from tumorseg.module import SegModule
 from tumorseg.overlay import overlay_figure
 from tumorseg.scoring import (
     case_means,
-    case_rows,
     case_table,
+    lesion_table,
     output_paths,
+    scored_rows,
     summarise,
     write_outputs,
 )
@@ -38,17 +41,21 @@ def score_cases(
     normalised: bool = False,
     predictions: Path | None = None,
     batch_size: int = 32,
+    hd95: str = "pooled",
 ):
-    """One row per case and region with every metric of ``tumorseg.scoring``; with
-    ``predictions``, each case's canonical labels are also saved there as ``<id>.nii.gz``."""
-    rows = []
+    """One row per case and region with every metric of ``tumorseg.scoring`` and one row per
+    lesion (two tables); with ``predictions``, each case's canonical labels are also saved
+    there as ``<id>.nii.gz``."""
+    rows, lesion_rows = [], []
     for case in cases:
         pred = predict_case(module, case, batch_size=batch_size, normalised=normalised)
-        rows.extend(case_rows(case.case_id, pred, case.seg, case.spacing))
+        case_rows, lesions = scored_rows(case.case_id, pred, case.seg, case.spacing, hd95)
+        rows.extend(case_rows)
+        lesion_rows.extend(lesions)
         if predictions is not None:
             predictions.mkdir(parents=True, exist_ok=True)
             nib.save(segmentation_image(pred, case.affine), predictions / f"{case.case_id}.nii.gz")
-    return case_table(rows)
+    return case_table(rows, hd95), lesion_table(lesion_rows, hd95)
 
 
 def write_overlays(
@@ -74,6 +81,7 @@ def test_stage(
     step: int | None = None,
     normalised: bool = False,
     save_predictions: bool = True,
+    hd95: str = "pooled",
 ) -> dict[str, float]:
     """Score the test cases, log means, CSVs, box plot, overlays and (``save_predictions``)
     the predicted segmentations (``evaluation/predictions/<id>.nii.gz``, canonical labels) to
@@ -81,13 +89,13 @@ def test_stage(
     module.eval()
     with tempfile.TemporaryDirectory() as tmp:
         preds = Path(tmp) / "predictions" if save_predictions and logger is not None else None
-        df = score_cases(module, test_cases, normalised, preds)
+        df, lesions = score_cases(module, test_cases, normalised, preds, hd95=hd95)
         if df.empty:
             log.warning("no test cases to score")
             return {}
         means = case_means(df)
         paths = output_paths(Path(tmp) / "test_cases.csv")
-        write_outputs(df, summarise(df), paths)
+        write_outputs(df, summarise(df), paths, lesions)
         overlays = write_overlays(module, overlay_cases, Path(tmp) / "overlays", normalised)
         if logger is not None:
             logger.log_metrics(means, step=step)

@@ -13,7 +13,18 @@ Empty-mask rules (as BraTS), for each region:
 * Specificity: reference covering the whole volume (no negatives) -> 1.
 
 HD95 pools the surface distances of both directions (prediction -> reference and reference ->
-prediction) and takes their 95th percentile, as MedPy's ``hd95`` does.
+prediction) and takes their 95th percentile, as MedPy's ``hd95`` does (``hd95="pooled"``, the
+default and the official BraTS evaluator's); ``hd95="max"`` takes the larger of the two directed
+95th percentiles, as MONAI does, and the HD95 columns are then named ``hd95_max``,
+``lesion_hd95_max`` and ``penalised_hd95_max`` (so are the MLflow metrics).
+
+Lesion-wise columns, NSD and their rules are ``tumorseg.lesions``' (the official BraTS
+evaluator's): ``nsd`` (global surface Dice), lesion counts ``lesions_ref``, ``lesions_pred``,
+``matched``, ``missed``, ``false``, the official lesion-wise score ``lesion_dice``,
+``lesion_nsd``, ``lesion_hd95`` (mean over matched lesions) and the BraTS 2023 score with
+missed and false lesions as 0 / 373 mm, ``penalised_*``. Infinite HD95s are written as 373 mm,
+as the official reports do; NaN (no lesion on either side) stays empty in the CSV. The per-lesion
+table (``<stem>_lesions.csv``) has one row per matched, missed or false lesion.
 """
 
 from __future__ import annotations
@@ -29,13 +40,48 @@ import pandas as pd
 from scipy import ndimage
 
 from tumorseg.labels import REGIONS
+from tumorseg.lesions import REGIONS as LESION_REGIONS
+from tumorseg.lesions import reported
+from tumorseg.lesions import score_case as lesion_scores
 from tumorseg.outputs import write_atomically
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-METRICS = ("dice", "iou", "acc", "sens", "spec", "hd95")
+BASE_METRICS = ("dice", "iou", "acc", "sens", "spec", "hd95")  # case_metrics
+LESION_METRICS = (
+    "nsd",
+    "lesions_ref",
+    "lesions_pred",
+    "matched",
+    "missed",
+    "false",
+    "lesion_dice",
+    "lesion_nsd",
+    "lesion_hd95",
+    "penalised_dice",
+    "penalised_nsd",
+    "penalised_hd95",
+)
+METRICS = BASE_METRICS + LESION_METRICS  # columns with the default (pooled) HD95
 COLUMNS = ("case_id", "region", *METRICS)
+LESION_COLUMNS = (
+    "case_id",
+    "region",
+    "status",
+    "ref_id",
+    "pred_id",
+    "ref_voxels",
+    "pred_voxels",
+    "volume_mm3",
+    "centre_i",
+    "centre_j",
+    "centre_k",
+    "dice",
+    "nsd",
+    "hd95",
+)
+HD95_CONVENTIONS = ("pooled", "max")
 EMPTY_HD95 = 373.13  # mm, diagonal of the 240 x 240 x 155 BraTS volume at 1 mm
 HD95_MARGIN = 1  # voxels of padding around the masks' bounding box (enough for the erosion)
 RESAMPLES, SEED = 2000, 0  # bootstrap of the mean
@@ -63,12 +109,30 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask)
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
+def metric_names(hd95: str = "pooled") -> tuple[str, ...]:
+    """The metric columns; HD95 columns carry the convention unless it is ``pooled``."""
+    if hd95 not in HD95_CONVENTIONS:
+        raise ValueError(f"unknown HD95 convention {hd95!r}: use one of {HD95_CONVENTIONS}")
+    if hd95 == "pooled":
+        return METRICS
+    return tuple(f"{m}_{hd95}" if m.endswith("hd95") else m for m in METRICS)
+
+
+def metrics_of(df: pd.DataFrame) -> list[str]:
+    """The metric columns of a per-case table, in ``METRICS`` order, whatever the convention."""
+    known = dict.fromkeys(name for c in HD95_CONVENTIONS for name in metric_names(c))
+    return [m for m in known if m in df.columns]
+
+
+def hd95(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], convention: str = "pooled"
+) -> float:
     """Symmetric 95th percentile Hausdorff distance (mm) between boolean masks.
 
     Distances from each surface voxel of one mask to the nearest surface voxel of the other, in
-    both directions, pooled; computed on the masks' padded bounding box, which holds every
-    surface voxel, so the result equals the one on the full volume.
+    both directions, pooled (``convention="max"``: the larger directed 95th percentile);
+    computed on the masks' padded bounding box, which holds every surface voxel, so the result
+    equals the one on the full volume.
     """
     if not pred.any() and not ref.any():
         return 0.0
@@ -78,10 +142,14 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
     pred_surface, ref_surface = surface(pred[box]), surface(ref[box])
     to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=spacing)[pred_surface]
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[ref_surface]
+    if convention == "max":
+        return float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
     return float(np.percentile(np.concatenate([to_ref, to_pred]), 95))
 
 
-def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+def mask_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], convention: str = "pooled"
+) -> dict[str, float]:
     """All of ``METRICS`` for two boolean masks (empty-mask rules in the module docstring)."""
     tp = np.count_nonzero(pred & ref)
     fp = np.count_nonzero(pred) - tp
@@ -93,12 +161,15 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) ->
         "acc": (tp + tn) / pred.size,
         "sens": tp / (tp + fn) if tp + fn else float(fp == 0),
         "spec": tn / (tn + fp) if tn + fp else 1.0,
-        "hd95": hd95(pred, ref, spacing),
+        "hd95": hd95(pred, ref, spacing, convention),
     }
 
 
 def case_metrics(
-    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing: tuple[float, float, float],
+    convention: str = "pooled",
 ) -> dict[str, dict[str, float]]:
     """Metrics of one case: region (``wt``, ``tc``, ``et``) -> metric -> value.
 
@@ -114,7 +185,7 @@ def case_metrics(
         out[region] = {
             name: float(value)
             for name, value in mask_metrics(
-                np.isin(pred, labels), np.isin(ref, labels), spacing
+                np.isin(pred, labels), np.isin(ref, labels), spacing, convention
             ).items()
         }
     return out
@@ -141,7 +212,7 @@ def summarise(df: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) ->
     ci_low, ci_high. Each group's bootstrap uses the same ``seed``.
     """
     rows = []
-    for metric in METRICS:
+    for metric in metrics_of(df):
         for region in REGIONS:
             values = df.loc[df["region"] == region, metric].dropna().to_numpy(dtype=float)
             if not len(values):
@@ -163,10 +234,14 @@ def summarise(df: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) ->
 
 
 def means_table(summary: pd.DataFrame) -> str:
-    """Compact text table of the means: one row per region, one column per metric."""
+    """Compact text table of the means: one row per region, one column per main metric."""
     means = summary.pivot(index="region", columns="metric", values="mean")
-    means = means.reindex(index=[r for r in REGIONS if r in means.index], columns=list(METRICS))
-    lines = ["region " + " ".join(f"{m:>11}" for m in METRICS)]
+    main = ("dice", "iou", "acc", "sens", "spec", "hd95", "nsd", "lesion_dice", "lesion_hd95")
+    shown = [
+        m for m in metrics_of(pd.DataFrame(columns=means.columns)) if m.removesuffix("_max") in main
+    ]
+    means = means.reindex(index=[r for r in REGIONS if r in means.index], columns=shown)
+    lines = ["region " + " ".join(f"{m:>11}" for m in shown)]
     for region, row in means.iterrows():
         lines.append(f"{region.upper():<6} " + " ".join(f"{v:>11.4f}" for v in row))
     return "\n".join(lines)
@@ -181,8 +256,9 @@ def save_boxplot(df: pd.DataFrame, path: Path) -> None:
     data = df.assign(region=df["region"].str.upper())
     order = [r.upper() for r in REGIONS]
     fig = Figure(figsize=(9, 4), layout="constrained")
+    hd95_column = next(m for m in metrics_of(df) if m.startswith("hd95"))
     for ax, metric, title in zip(
-        fig.subplots(1, 2), ("dice", "hd95"), ("Dice", "HD95 (mm)"), strict=True
+        fig.subplots(1, 2), ("dice", hd95_column), ("Dice", "HD95 (mm)"), strict=True
     ):
         sns.boxplot(data=data, x="region", y=metric, order=order, ax=ax, color="lightsteelblue")
         sns.stripplot(data=data, x="region", y=metric, order=order, ax=ax, color="0.2", size=3)
@@ -194,44 +270,122 @@ def save_boxplot(df: pd.DataFrame, path: Path) -> None:
 # ---------------------------------------------------------------- tables and files
 
 
-def case_rows(case_id: str, pred: np.ndarray, ref: np.ndarray, spacing) -> list[dict]:
+def case_rows(
+    case_id: str,
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing,
+    hd95: str = "pooled",
+    nsd_tolerance: float | None = None,
+) -> list[dict]:
     """Rows of the per-case table (one per region) for one case."""
-    return [
-        {"case_id": case_id, "region": r, **m} for r, m in case_metrics(pred, ref, spacing).items()
+    return scored_rows(case_id, pred, ref, spacing, hd95, nsd_tolerance)[0]
+
+
+def scored_rows(
+    case_id: str,
+    pred: np.ndarray,
+    ref: np.ndarray,
+    spacing,
+    hd95: str = "pooled",
+    nsd_tolerance: float | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Rows of the per-case table (one per region) and of the per-lesion table, for one case
+    of canonical labels; HD95 columns named by ``metric_names(hd95)``."""
+    names = dict(zip(METRICS, metric_names(hd95), strict=True))
+    base = case_metrics(pred, ref, spacing, hd95)
+    table = {r: LESION_REGIONS["canonical"][r] for r in REGIONS}
+    lesion = lesion_scores(pred, ref, spacing, table, hd95=hd95, nsd_tolerance=nsd_tolerance)
+    rows, lesion_rows = [], []
+    for region in REGIONS:
+        s = lesion[region]
+        values = {
+            **base[region],
+            "nsd": s.nsd,
+            "lesions_ref": s.n_ref,
+            "lesions_pred": s.n_pred,
+            "matched": s.matched,
+            "missed": s.missed,
+            "false": s.false,
+            "lesion_dice": s.lesion_dsc,
+            "lesion_nsd": s.lesion_nsd,
+            "lesion_hd95": reported(s.lesion_hd95),
+            "penalised_dice": s.penalised_dsc,
+            "penalised_nsd": s.penalised_nsd,
+            "penalised_hd95": s.penalised_hd95,
+        }
+        rows.append(
+            {"case_id": case_id, "region": region, **{names[k]: values[k] for k in METRICS}}
+        )
+        for x in s.lesions:
+            lesion_rows.append(
+                {
+                    "case_id": case_id,
+                    "region": region,
+                    "status": x.status,
+                    "ref_id": x.ref_id,
+                    "pred_id": x.pred_id,
+                    "ref_voxels": x.ref_voxels,
+                    "pred_voxels": x.pred_voxels,
+                    "volume_mm3": float(x.volume_mm3),
+                    "centre_i": x.centre[0],
+                    "centre_j": x.centre[1],
+                    "centre_k": x.centre[2],
+                    "dice": x.dsc,
+                    "nsd": x.nsd,
+                    names["hd95"]: reported(x.hd95),
+                }
+            )
+    return rows, lesion_rows
+
+
+def case_table(rows: list[dict], hd95: str = "pooled") -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["case_id", "region", *metric_names(hd95)])
+
+
+def lesion_table(rows: list[dict], hd95: str = "pooled") -> pd.DataFrame:
+    columns = [
+        c if c != "hd95" else metric_names(hd95)[BASE_METRICS.index("hd95")] for c in LESION_COLUMNS
     ]
-
-
-def case_table(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    return pd.DataFrame(rows, columns=columns)
 
 
 def case_means(df: pd.DataFrame, prefix: str = "test") -> dict[str, float]:
     """``{"test/dice_wt": mean over cases, ..., "test/dice_mean": mean over regions}``."""
-    means = df.groupby("region")[list(METRICS)].mean()
+    metrics = metrics_of(df)
+    means = df.groupby("region")[metrics].mean()
     out = {}
-    for m in METRICS:
+    for m in metrics:
         out.update({f"{prefix}/{m}_{r}": float(means.loc[r, m]) for r in means.index})
         out[f"{prefix}/{m}_mean"] = float(means[m].mean())
     return out
 
 
 def output_paths(output: Path) -> dict[str, Path]:
-    """The three output files: per-case CSV, summary CSV and box plot, side by side."""
+    """The output files side by side: per-case CSV, summary CSV, box plot, per-lesion CSV."""
     return {
         "metrics": output,
         "summary": output.with_name(f"{output.stem}_summary.csv"),
         "boxplot": output.with_name(f"{output.stem}_boxplot.png"),
+        "lesions": output.with_name(f"{output.stem}_lesions.csv"),
     }
 
 
-def write_outputs(df: pd.DataFrame, summary: pd.DataFrame, paths: dict[str, Path]) -> None:
-    write_atomically(
-        [
-            (paths["metrics"], lambda p: df.to_csv(p, index=False)),
-            (paths["summary"], lambda p: summary.to_csv(p, index=False)),
-            (paths["boxplot"], lambda p: save_boxplot(df, p)),
-        ]
-    )
+def write_outputs(
+    df: pd.DataFrame,
+    summary: pd.DataFrame,
+    paths: dict[str, Path],
+    lesions: pd.DataFrame | None = None,
+) -> None:
+    """Write the tables and the plot atomically; the per-lesion CSV only with ``lesions``."""
+    files = [
+        (paths["metrics"], lambda p: df.to_csv(p, index=False)),
+        (paths["summary"], lambda p: summary.to_csv(p, index=False)),
+        (paths["boxplot"], lambda p: save_boxplot(df, p)),
+    ]
+    if lesions is not None:
+        files.append((paths["lesions"], lambda p: lesions.to_csv(p, index=False)))
+    write_atomically(files)
 
 
 def log_to_mlflow(

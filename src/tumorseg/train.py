@@ -59,7 +59,14 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
     best_path = ckpt.best_model_path if ckpt is not None else ""
     module = load_for_inference(best_path, model.device) if best_path else model
     overlays = islice(datamodule.iter_cases("val"), cfg.get("overlay_cases", 2))
-    means = test_stage(module, datamodule.iter_cases("test"), overlays, logger, trainer.global_step)
+    means = test_stage(
+        module,
+        datamodule.iter_cases("test"),
+        overlays,
+        logger,
+        trainer.global_step,
+        hd95=cfg.get("test_hd95", "pooled"),
+    )
     log.info("test (case-level): %s", {k: round(v, 4) for k, v in means.items() if "dice" in k})
     return means
 

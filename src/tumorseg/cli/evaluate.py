@@ -7,9 +7,13 @@ sensitivity, specificity and HD95 (mm, voxel spacing from the reference's header
 
     tumorseg-evaluate --predictions preds --references data/BraTS2020 --output out/metrics.csv
 
-It writes ``metrics.csv`` (one row per case and region), ``metrics_summary.csv`` (mean,
-median, std and a bootstrap 95% CI of the mean per metric and region) and
-``metrics_boxplot.png`` (Dice and HD95 per region), all atomically, and prints the means.
+It writes ``metrics.csv`` (one row per case and region, with NSD and the lesion-wise BraTS
+metrics), ``metrics_summary.csv`` (mean, median, std and a bootstrap 95% CI of the mean per
+metric and region), ``metrics_boxplot.png`` (Dice and HD95 per region) and
+``metrics_lesions.csv`` (one row per matched, missed or false lesion), all atomically, and
+prints the means. ``--hd95 pooled|max`` picks the HD95 convention (``max`` names the columns
+``hd95_max``...); ``--nsd-tolerance MM`` sets the NSD tolerance (default: the official
+evaluator's, see ``tumorseg.lesions``).
 ``--mlflow-run ID`` also logs the means as ``case/<metric>_<region>`` and the three files as
 artifacts of that run.
 
@@ -35,11 +39,13 @@ from tumorseg.errors import DataError
 from tumorseg.labels import CONVENTIONS, to_canonical
 from tumorseg.outputs import write_atomically
 from tumorseg.scoring import (
-    case_rows,
+    HD95_CONVENTIONS,
     case_table,
+    lesion_table,
     log_to_mlflow,
     means_table,
     output_paths,
+    scored_rows,
     summarise,
     write_outputs,
 )
@@ -145,8 +151,14 @@ def check_shapes(pairs: list[Pair]) -> dict[str, str]:
     return problems
 
 
-def score_pair(pair: Pair, pred_labels: str, ref_labels: str) -> list[dict[str, object]]:
-    """Rows of ``metrics.csv`` for one case."""
+def score_pair(
+    pair: Pair,
+    pred_labels: str,
+    ref_labels: str,
+    hd95: str = "pooled",
+    nsd_tolerance: float | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Rows of ``metrics.csv`` and of ``metrics_lesions.csv`` for one case."""
     pred_img, ref_img = load(pair.pred), load(pair.ref)
     spacing = tuple(float(s) for s in ref_img.header.get_zooms()[:3])
     pred_spacing = tuple(float(s) for s in pred_img.header.get_zooms()[:3])
@@ -159,23 +171,30 @@ def score_pair(pair: Pair, pred_labels: str, ref_labels: str) -> list[dict[str, 
         )
     pred = to_canonical(voxels(pred_img, pair.pred), pred_labels, str(pair.pred))
     ref = to_canonical(voxels(ref_img, pair.ref), ref_labels, str(pair.ref))
-    return case_rows(pair.case_id, pred, ref, spacing)
+    return scored_rows(pair.case_id, pred, ref, spacing, hd95, nsd_tolerance)
 
 
 def score_all(
-    pairs: list[Pair], pred_labels: str, ref_labels: str, progress: bool = True
-) -> pd.DataFrame:
-    """Per-case table over ``pairs`` with a progress bar on stderr."""
+    pairs: list[Pair],
+    pred_labels: str,
+    ref_labels: str,
+    progress: bool = True,
+    hd95: str = "pooled",
+    nsd_tolerance: float | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-case and per-lesion tables over ``pairs`` with a progress bar on stderr."""
     from rich.console import Console
     from rich.progress import track
 
-    rows = []
+    rows, lesion_rows = [], []
     console = Console(stderr=True)
     for pair in track(
         pairs, description="Scoring cases", console=console, transient=True, disable=not progress
     ):
-        rows.extend(score_pair(pair, pred_labels, ref_labels))
-    return case_table(rows)
+        case, lesions = score_pair(pair, pred_labels, ref_labels, hd95, nsd_tolerance)
+        rows.extend(case)
+        lesion_rows.extend(lesions)
+    return case_table(rows, hd95), lesion_table(lesion_rows, hd95)
 
 
 # ---------------------------------------------------------------- MLflow
@@ -218,6 +237,13 @@ def build_parser() -> Parser:
     add("--output", type=Path, default=Path("metrics.csv"), help="per-case CSV (./metrics.csv)")
     add("--labels", choices=conventions, default="brats2020", help="label convention")
     add("--pred-labels", choices=conventions, help="predictions' convention (default --labels)")
+    add("--hd95", choices=HD95_CONVENTIONS, default="pooled", help="HD95 convention (pooled)")
+    add(
+        "--nsd-tolerance",
+        type=float,
+        metavar="MM",
+        help="NSD tolerance in mm (default: smallest spacing per lesion, half of it globally)",
+    )
     add("--allow-missing", action="store_true", help="skip unpaired or mismatched cases")
     add("--mlflow-run", metavar="ID", help="log means and files to this MLflow run")
     add("--tracking-uri", metavar="URI", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI)")
@@ -232,6 +258,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise ArgError(f"{flag} {folder} is not a folder")
     if args.output.is_dir():
         raise ArgError(f"--output {args.output} is a folder")
+    if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
+        raise ArgError(f"--nsd-tolerance {args.nsd_tolerance} must be >= 0 (mm)")
 
 
 def error(message: str) -> None:
@@ -290,14 +318,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = mlflow_client(args.mlflow_run, uri) if args.mlflow_run else None
         pairs, skipped = select_pairs(args)
-        df = score_all(pairs, args.pred_labels or args.labels, args.labels, not args.quiet)
+        df, lesions = score_all(
+            pairs,
+            args.pred_labels or args.labels,
+            args.labels,
+            not args.quiet,
+            args.hd95,
+            args.nsd_tolerance,
+        )
     except DataError as err:
         error(str(err))
         return 2
 
     summary = summarise(df)
     try:
-        write_outputs(df, summary, paths)
+        write_outputs(df, summary, paths, lesions)
     except OSError as err:
         error(f"cannot write {args.output}: {err}")
         return 1
