@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from tumorseg.data import demo
 
@@ -23,7 +25,10 @@ def test_layout(written: tuple[Path, list[Path]]) -> None:
     root, folders = written
     ids = ["BraTS20_Training_001", "BraTS20_Training_002"]
     assert [f.name for f in folders] == ids
-    assert sorted(p.name for p in root.iterdir()) == ids  # no temporary folders left
+    # no temporary folders left; the hidden marker records seed and difficulty
+    assert sorted(p.name for p in root.iterdir()) == [demo.MARKER, *ids]
+    marker = json.loads((root / demo.MARKER).read_text())
+    assert marker["seed"] == 0 and marker["difficulty"] == "brats"
     for folder in folders:
         assert sorted(p.name for p in folder.iterdir()) == sorted(
             f"{folder.name}_{name}.nii.gz" for name in NAMES
@@ -55,8 +60,8 @@ def test_labels_and_anatomy(written: tuple[Path, list[Path]]) -> None:
         assert 0.1 < (flair > 0).mean() < 0.4  # a brain-sized head
 
 
-def test_contrasts() -> None:
-    images, seg = demo.make_case(1, seed=0)
+def test_easy_contrasts() -> None:
+    images, seg = demo.make_case(1, seed=0, difficulty="easy")
     edema, enhancing = seg == 2, seg == 4
     brain = (images["flair"] > 0) & (seg == 0)
     # Edema is bright on FLAIR and T2, enhancing tumour is bright on T1ce.
@@ -65,10 +70,11 @@ def test_contrasts() -> None:
     assert images["t1ce"][enhancing].mean() > 1.5 * images["t1ce"][brain].mean()
 
 
-def test_deterministic() -> None:
-    images, seg = demo.make_case(1, seed=0)
-    again, seg_again = demo.make_case(1, seed=0)
-    other, seg_other = demo.make_case(1, seed=1)
+@pytest.mark.parametrize("difficulty", demo.DIFFICULTIES)
+def test_deterministic(difficulty: str) -> None:
+    images, seg = demo.make_case(1, seed=0, difficulty=difficulty)
+    again, seg_again = demo.make_case(1, seed=0, difficulty=difficulty)
+    other, seg_other = demo.make_case(1, seed=1, difficulty=difficulty)
     np.testing.assert_array_equal(seg, seg_again)
     for name in demo.MODALITIES:
         np.testing.assert_array_equal(images[name], again[name])
@@ -98,3 +104,53 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture
     assert demo.main(["--output", str(afile), "--cases", "1"]) == 2
     assert str(afile) in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]  # nothing written
+
+
+def edema_hidden_in_brain(images: dict[str, np.ndarray], seg: np.ndarray) -> float:
+    """Share of edema voxels darker on FLAIR than the brightest 10 % of non-tumour brain."""
+    flair = images["flair"]
+    brain = (flair > 0) & (seg == 0)
+    return float((flair[seg == 2] < np.percentile(flair[brain], 90)).mean())
+
+
+def test_realistic_cases_are_hard() -> None:
+    """The default demo: edema overlapping normal brain on FLAIR, enhancing look-alikes
+    outside the tumour on T1ce, lower-grade cases with little or no enhancing tumour."""
+    assert edema_hidden_in_brain(*demo.make_case(1, seed=0, difficulty="easy")) < 0.1
+    grades = []
+    for index in (1, 7):
+        images, seg = demo.make_case(index, seed=0)
+        assert edema_hidden_in_brain(images, seg) > 0.3
+        # T1ce voxels as bright as the brightest non-tumour brain exist well away from tumour
+        brain = (images["t1ce"] > 0) & (seg == 0)
+        far = brain & ~ndi.binary_dilation(seg > 0, iterations=5)
+        bright = np.percentile(images["t1ce"][seg == 4], 50) if (seg == 4).any() else 0
+        assert ((images["t1ce"] >= bright) & far).sum() > 100
+        tc, et = np.isin(seg, (1, 4)).sum(), (seg == 4).sum()
+        grades.append(et / tc)
+    assert grades[0] > 0.3 and grades[1] < 0.05  # case 7 is lower grade: ET almost absent
+
+
+def test_grades_and_satellites() -> None:
+    """Lower-grade tumours have at most a small enhancing focus, high-grade ones an enhancing
+    rim; satellites add small tumour components near the main one."""
+    anatomy = demo._anatomy()
+    components = []
+    for seed in range(4):
+        for low in (False, True):
+            rng = np.random.default_rng([seed, 99])
+            _, labels, _ = demo._tumours_brats(rng, anatomy, low_grade=low)
+            tc, et = np.isin(labels, (1, 4)).sum(), (labels == 4).sum()
+            assert et < 0.15 * tc if low else et > 0.2 * tc
+            components.append(ndi.label(labels > 0)[1])
+    assert max(components) >= 2
+
+
+def test_difficulty_marker_refuses_to_mix(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    demo.write_demo(tmp_path, cases=1, seed=0, progress=False, difficulty="easy")
+    with pytest.raises(demo.DemoError, match="difficulty easy"):
+        demo.write_demo(tmp_path, cases=1, seed=0, progress=False)
+    assert demo.main(["--output", str(tmp_path), "--cases", "1", "--seed", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path) in err[0] and "seed 0" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [demo.MARKER, "BraTS20_Training_001"]
