@@ -355,3 +355,99 @@ def test_cli_logs_to_mlflow(tmp_path, capsys):
     assert metrics["case/dice_wt"] == pytest.approx(df[df.region == "wt"].dice.mean())
     artifacts = {f.path for f in client.list_artifacts(run_id, "evaluation")}
     assert artifacts == {f"evaluation/{name}" for name in OUTPUTS}
+
+
+# ---------------------------------------------------------------- reference layouts
+
+# canonical 0..3 -> source values: brats2023 keeps them, MSD swaps edema and core
+FROM_CANONICAL = {
+    "brats2020": TO_BRATS2020,
+    "brats2023": np.array([0, 1, 2, 3], dtype=np.uint8),
+    "msd": np.array([0, 2, 1, 3], dtype=np.uint8),
+}
+MODALITY_FILES = {
+    "brats2020": ("flair", "t1", "t1ce", "t2"),
+    "brats2023": ("t2f", "t1n", "t1c", "t2w"),
+}
+
+
+def brats_case(root: Path, cid: str, convention: str, seg_name: str | None, images: bool) -> None:
+    """A BraTS case folder: the four modality images (not read) and the segmentation."""
+    sep = "-" if convention == "brats2023" else "_"
+    if images:
+        for mod in MODALITY_FILES[convention]:
+            save(root / cid / f"{cid}{sep}{mod}.nii.gz", np.zeros(SHAPE, np.float32))
+    name = seg_name or f"{cid}{sep}seg.nii.gz"
+    save(root / cid / name, FROM_CANONICAL[convention][tumour()])
+
+
+def write_layout(root: Path, layout: str) -> tuple[str, str]:
+    """References in ``layout`` under ``root/ref``; returns (case id, label convention)."""
+    ref = root / "ref"
+    if layout == "brats2020 case folders":
+        cid, conv = "BraTS20_Training_001", "brats2020"
+        brats_case(ref, cid, conv, None, images=True)
+    elif layout == "brats2020 case 355":
+        cid, conv = "BraTS20_Training_355", "brats2020"
+        brats_case(ref, cid, conv, "W39_1998.09.19_Segm.nii", images=True)
+    elif layout == "brats2023 case folders":
+        cid, conv = "BraTS-GLI-00001-000", "brats2023"
+        brats_case(ref, cid, conv, None, images=True)
+    elif layout == "brats2023 segmentation folders":
+        cid, conv = "BraTS-GLI-00002-000", "brats2023"
+        brats_case(ref, cid, conv, None, images=False)
+    elif layout == "brats2023 flat -seg files":
+        cid, conv = "BraTS-GLI-00003-000", "brats2023"
+        save(ref / f"{cid}-seg.nii.gz", FROM_CANONICAL[conv][tumour()])
+    elif layout in ("msd task", "msd labelsTr"):
+        cid, conv = "BRATS_001", "msd"
+        task = ref / "Task01_BrainTumour"
+        save(task / "imagesTr" / f"{cid}.nii.gz", np.zeros((*SHAPE, 4), np.float32))
+        save(task / "labelsTr" / f"{cid}.nii.gz", FROM_CANONICAL[conv][tumour()])
+        if layout == "msd labelsTr":
+            (root / "ref_labels").mkdir()
+            (task / "labelsTr").rename(root / "ref_labels" / "labelsTr")
+    else:
+        raise ValueError(layout)
+    save(root / "pred" / f"{cid}.nii.gz", FROM_CANONICAL[conv][tumour(1)])
+    return cid, conv
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "brats2020 case folders",
+        "brats2020 case 355",
+        "brats2023 case folders",
+        "brats2023 segmentation folders",
+        "brats2023 flat -seg files",
+        "msd task",
+        "msd labelsTr",
+    ],
+)
+def test_cli_finds_references_in_every_layout_with_their_labels(tmp_path, layout):
+    """No --labels: each layout's convention is inferred (a wrong one either refuses a label
+    value or mixes edema and core, and the Dice values below differ)."""
+    cid, _ = write_layout(tmp_path, layout)
+    refs = tmp_path / ("ref_labels/labelsTr" if layout == "msd labelsTr" else "ref")
+    out = tmp_path / "out" / "metrics.csv"
+    code = main(
+        ["--predictions", str(tmp_path / "pred"), "--references", str(refs), "--output", str(out)]
+        + ["--quiet"]
+    )
+    assert code == 0
+    df = pd.read_csv(out).set_index("region")
+    assert list(df.case_id.unique()) == [cid]
+    expected = case_metrics(tumour(1), tumour(), SPACING)
+    for region in ("wt", "tc", "et"):
+        assert df.loc[region, "dice"] == pytest.approx(expected[region]["dice"]), region
+    assert expected["tc"]["dice"] != expected["wt"]["dice"]
+
+
+def test_cli_labels_overrides_the_layout(tmp_path, capsys):
+    write_layout(tmp_path, "brats2023 case folders")
+    args = ["--predictions", str(tmp_path / "pred"), "--references", str(tmp_path / "ref")]
+    out = ["--output", str(tmp_path / "out" / "metrics.csv"), "--quiet"]
+    assert main([*args, *out, "--labels", "brats2020"]) == 2  # 3 is not a brats2020 value
+    assert "unexpected label value 3" in capsys.readouterr().err
+    assert main([*args, *out, "--labels", "brats2023", "--pred-labels", "brats2023"]) == 0

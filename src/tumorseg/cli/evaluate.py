@@ -1,8 +1,15 @@
 """Score predicted segmentations against references, per case and BraTS region (WT, TC, ET).
 
-``tumorseg-evaluate`` pairs prediction files ``PRED/<case_id>.nii[.gz]`` with references
-``REF/<case_id>.nii[.gz]`` or BraTS case folders ``REF/<case_id>/<case_id>_seg.nii[.gz]``,
-converts both to canonical labels and computes, per case and region, Dice, IoU, pixel accuracy,
+``tumorseg-evaluate`` pairs prediction files ``PRED/<case_id>.nii[.gz]`` with the references
+in ``REF``, found as ``tumorseg-prepare`` finds them: BraTS 2020/2021 case folders
+(``<id>/<id>_seg``, also the case-355 ``W39_1998.09.19_Segm.nii``), BraTS 2023+ case folders
+(``<id>/<id>-seg``), an MSD ``Task01_BrainTumour`` (``labelsTr/<id>``), and flat files
+``<id>.nii[.gz]``, ``<id>_seg``, ``<id>-seg`` (also a bare ``labelsTr`` folder, or case
+folders holding only their segmentation). Each reference's label convention follows its layout
+(``_seg`` BraTS 2020, ``-seg`` BraTS 2023, MSD); ``--labels`` sets it where the layout does not
+say (flat ``<id>.nii.gz``: BraTS 2020 by default) and overrides it everywhere when given.
+Predictions are read in ``--pred-labels``, else in their reference's convention. Both are
+converted to canonical labels and scored per case and region: Dice, IoU, pixel accuracy,
 sensitivity, specificity and HD95 (mm, voxel spacing from the reference's header)::
 
     tumorseg-evaluate --predictions preds --references data/BraTS2020 --output out/metrics.csv
@@ -35,6 +42,7 @@ import pandas as pd
 from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import SUFFIXES, find_nifti
+from tumorseg.data.readers import detect_format, list_cases
 from tumorseg.errors import DataError
 from tumorseg.labels import CONVENTIONS, to_canonical
 from tumorseg.outputs import write_atomically
@@ -54,6 +62,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 PROG = "tumorseg-evaluate"
+DEFAULT_LABELS = "brats2020"  # references whose layout does not tell their convention
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +72,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Pair:
-    """A prediction and its reference file."""
+    """A prediction and its reference file (``convention``: the reference's, if its layout
+    tells it)."""
 
     case_id: str
     pred: Path
     ref: Path
+    convention: str | None = None
 
 
 def strip_suffix(name: str) -> str | None:
@@ -88,18 +99,51 @@ def nifti_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def reference_files(folder: Path) -> dict[str, Path | None]:
-    """Case id -> reference: ``<id>.nii[.gz]`` or ``<id>/<id>_seg.nii[.gz]``.
+def _seg_only(folder: Path) -> tuple[Path | None, str | None]:
+    """The segmentation of a case folder holding no images: ``<id>_seg``, ``<id>-seg`` or a
+    single file named like one (BraTS 2020 case 355: ``W39_1998.09.19_Segm.nii``)."""
+    cid = folder.name
+    for stem, convention in ((f"{cid}-seg", "brats2023"), (f"{cid}_seg", "brats2020")):
+        path = find_nifti(folder, stem)
+        if path is not None:
+            return path, convention
+    odd = [p for p in nifti_files(folder).values() if "seg" in p.name.lower()]
+    if len(odd) > 1:
+        raise DataError(f"{folder}: several candidate segmentations {sorted(p.name for p in odd)}")
+    return (odd[0], None) if odd else (None, None)
 
-    A sub-folder without a seg file maps to None (reported only if a prediction names it).
-    """
-    refs: dict[str, Path | None] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_dir() and not path.name.startswith("."):
-            refs[path.name] = find_nifti(path, f"{path.name}_seg")
-    for cid, path in nifti_files(folder).items():
-        if refs.get(cid) is None:
-            refs[cid] = path
+
+def reference_files(folder: Path) -> dict[str, tuple[Path | None, str | None]]:
+    """Case id -> (reference file, its label convention or None), every layout of the module
+    docstring. A case folder without a segmentation maps to (None, None), reported only if a
+    prediction names it."""
+    refs: dict[str, tuple[Path | None, str | None]] = {}
+    try:
+        fmt = detect_format(folder)
+    except DataError:
+        fmt = None
+    if fmt == "kaggle-h5":
+        raise DataError(f"{folder}: Kaggle h5 slices cannot be references; give NIfTI files")
+    if fmt is not None:  # whole data sets, read as tumorseg-prepare reads them
+        try:
+            cases = list_cases(folder, fmt, labelled=False)
+        except DataError as err:  # e.g. folders holding only the segmentations
+            log.debug("not a complete %s data set (%s); looking for segmentations", fmt, err)
+            cases = []
+        for ref in cases:
+            refs[ref.case_id] = (ref.paths[-1], ref.convention) if ref.labelled else (None, None)
+    if not refs:
+        for path in sorted(folder.iterdir()):
+            if path.is_dir() and not path.name.startswith("."):
+                refs[path.name] = _seg_only(path)
+        flat = "msd" if folder.name == "labelsTr" else None
+        for name, path in nifti_files(folder).items():
+            cid, convention = name, flat
+            for tail, conv in (("-seg", "brats2023"), ("_seg", "brats2020")):
+                if name.endswith(tail) and len(name) > len(tail):
+                    cid, convention = name[: -len(tail)], conv
+            if refs.get(cid, (None, None))[0] is None:
+                refs[cid] = (path, convention)
     return refs
 
 
@@ -107,15 +151,17 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> tuple[list[Pair], dict[str, str
     """Pairs by case id, and problems: case id -> why it has no partner."""
     preds, refs = nifti_files(pred_dir), reference_files(ref_dir)
     pairs, problems = [], {}
-    for cid in sorted(set(preds) | {c for c, p in refs.items() if p is not None}):
+    for cid in sorted(set(preds) | {c for c, (p, _) in refs.items() if p is not None}):
+        ref, convention = refs.get(cid, (None, None))
         if cid not in preds:
             problems[cid] = f"no prediction {pred_dir / cid}.nii.gz"
-        elif refs.get(cid) is None:
+        elif ref is None:
             problems[cid] = (
-                f"no reference {ref_dir / cid}.nii.gz or {ref_dir / cid / cid}_seg.nii.gz"
+                f"no reference {ref_dir / cid}.nii.gz, {ref_dir / cid}-seg.nii.gz or "
+                f"{ref_dir / cid / cid}_seg.nii.gz"
             )
         else:
-            pairs.append(Pair(cid, preds[cid], refs[cid]))
+            pairs.append(Pair(cid, preds[cid], ref, convention))
     return pairs, problems
 
 
@@ -151,10 +197,20 @@ def check_shapes(pairs: list[Pair]) -> dict[str, str]:
     return problems
 
 
+def label_conventions(
+    pair: Pair, pred_labels: str | None, ref_labels: str | None
+) -> tuple[str, str]:
+    """(prediction, reference) label conventions: ``--labels`` overrides the one the
+    reference's layout tells (flat ``<id>.nii.gz``: BraTS 2020); predictions follow their
+    reference unless ``--pred-labels`` is given."""
+    ref = ref_labels or pair.convention or DEFAULT_LABELS
+    return pred_labels or ref, ref
+
+
 def score_pair(
     pair: Pair,
-    pred_labels: str,
-    ref_labels: str,
+    pred_labels: str | None,
+    ref_labels: str | None,
     hd95: str = "pooled",
     nsd_tolerance: float | None = None,
 ) -> tuple[list[dict], list[dict]]:
@@ -169,6 +225,7 @@ def score_pair(
             pred_spacing,
             spacing,
         )
+    pred_labels, ref_labels = label_conventions(pair, pred_labels, ref_labels)
     pred = to_canonical(voxels(pred_img, pair.pred), pred_labels, str(pair.pred))
     ref = to_canonical(voxels(ref_img, pair.ref), ref_labels, str(pair.ref))
     return scored_rows(pair.case_id, pred, ref, spacing, hd95, nsd_tolerance)
@@ -176,8 +233,8 @@ def score_pair(
 
 def score_all(
     pairs: list[Pair],
-    pred_labels: str,
-    ref_labels: str,
+    pred_labels: str | None,
+    ref_labels: str | None,
     progress: bool = True,
     hd95: str = "pooled",
     nsd_tolerance: float | None = None,
@@ -235,8 +292,12 @@ def build_parser() -> Parser:
     add("--predictions", type=Path, required=True, help="folder of <case_id>.nii[.gz] files")
     add("--references", type=Path, required=True, help="<case_id>.nii[.gz] or case folders")
     add("--output", type=Path, default=Path("metrics.csv"), help="per-case CSV (./metrics.csv)")
-    add("--labels", choices=conventions, default="brats2020", help="label convention")
-    add("--pred-labels", choices=conventions, help="predictions' convention (default --labels)")
+    add(
+        "--labels",
+        choices=conventions,
+        help="references' label convention (default: from the layout, else brats2020)",
+    )
+    add("--pred-labels", choices=conventions, help="predictions' (default: the reference's)")
     add("--hd95", choices=HD95_CONVENTIONS, default="pooled", help="HD95 convention (pooled)")
     add(
         "--nsd-tolerance",
@@ -285,7 +346,9 @@ def select_pairs(args: argparse.Namespace) -> tuple[list[Pair], dict[str, str]]:
     return pairs, problems
 
 
-def write_overlays(pairs: list[Pair], folder: Path, pred_labels: str, ref_labels: str) -> int:
+def write_overlays(
+    pairs: list[Pair], folder: Path, pred_labels: str | None, ref_labels: str | None
+) -> int:
     """``folder/<case_id>.png`` (FLAIR, truth solid, prediction dashed) for each pair whose
     reference sits in a BraTS case folder with its FLAIR; returns how many were written."""
     from tumorseg.overlay import overlay_figure
@@ -297,8 +360,9 @@ def write_overlays(pairs: list[Pair], folder: Path, pred_labels: str, ref_labels
         if flair is None:
             continue
         img = load(flair)
-        pred = to_canonical(voxels(load(pair.pred), pair.pred), pred_labels, str(pair.pred))
-        ref = to_canonical(voxels(load(pair.ref), pair.ref), ref_labels, str(pair.ref))
+        pred_conv, ref_conv = label_conventions(pair, pred_labels, ref_labels)
+        pred = to_canonical(voxels(load(pair.pred), pair.pred), pred_conv, str(pair.pred))
+        ref = to_canonical(voxels(load(pair.ref), pair.ref), ref_conv, str(pair.ref))
         fig = overlay_figure(voxels(img, flair), ref, pred, img.affine, title=pair.case_id)
         write_atomically(
             [(folder / f"{pair.case_id}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=80))]
@@ -320,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, skipped = select_pairs(args)
         df, lesions = score_all(
             pairs,
-            args.pred_labels or args.labels,
+            args.pred_labels,
             args.labels,
             not args.quiet,
             args.hd95,
@@ -344,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if args.overlays:
         try:
-            n = write_overlays(pairs, args.overlays, args.pred_labels or args.labels, args.labels)
+            n = write_overlays(pairs, args.overlays, args.pred_labels, args.labels)
         except (DataError, OSError) as err:
             error(f"overlays: {err}")
             return 1
