@@ -48,7 +48,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> dict:
     ckpt = next((tmp / "out" / "checkpoints").glob("epoch_*.ckpt"))
     found = tmp.glob("**/evaluation/predictions/*.nii.gz")
     preds = {p.name.removesuffix(".nii.gz"): p for p in found}
-    return {"ckpt": ckpt, "predictions": preds, "root": tmp}
+    return {"ckpt": ckpt, "predictions": preds, "root": tmp, "cfg": cfg}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +106,49 @@ def test_predict_on_raw_case_equals_test_stage_voxel_for_voxel(trained, demo_roo
         assert stage.shape == out.shape == (240, 240, 155)
         assert np.count_nonzero(out) > 0
         assert np.array_equal(stage, out)
+
+
+@pytest.mark.slow
+def test_predict_replays_the_training_crop(trained, module, demo_root, tmp_path):
+    """An explicit replay of what training fed the net (the store's crop window, 160 -> 128,
+    the store's kept slices), written out here step by step, equals tumorseg-predict voxel for
+    voxel. Predicting the whole 240 x 240 slice resized to 128 (the crop ignored) fails this."""
+    from tumorseg.data.preprocess import zscore
+    from tumorseg.data.store import open_store
+    from tumorseg.inference import autocast_dtype
+
+    from hydra.utils import instantiate
+
+    store = open_store(instantiate(trained["cfg"].data).store_path())
+    info = {c["id"]: c for c in store.manifest["cases"]}
+    case_id = sorted(trained["predictions"])[0]
+    x0, y0 = info[case_id]["crop_origin"]
+    raw = read_case(demo_root / case_id, with_seg=False)
+    image = zscore(raw.image)[:, x0 : x0 + 160, y0 : y0 + 160]
+    rows = store.case_range(case_id)
+    brain = store.slices["brain"][rows.start : rows.stop]
+    keep = np.flatnonzero(brain >= 0.3 * 160 * 160)
+    x = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)[keep]))
+    expected = np.zeros(raw.image.shape[1:], dtype=np.uint8)
+    dtype = autocast_dtype(torch.device("cpu"))
+    with torch.inference_mode():
+        for start in range(0, len(keep), 32):
+            batch = torch.nn.functional.interpolate(x[start : start + 32], (128, 128), mode="area")
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                logits = module.net(batch.contiguous(memory_format=torch.channels_last))
+            logits = torch.nn.functional.interpolate(
+                logits.float(), (160, 160), mode="bilinear", align_corners=False
+            )
+            regions = torch.sigmoid(logits) > 0.5
+            labels = torch.zeros(regions[:, 0].shape, dtype=torch.uint8)
+            labels[regions[:, 0]], labels[regions[:, 1]], labels[regions[:, 2]] = 2, 1, 3
+            z = keep[start : start + 32]
+            expected[x0 : x0 + 160, y0 : y0 + 160, z] = labels.permute(1, 2, 0).numpy()
+    out = predict_file(
+        trained["ckpt"], demo_root / case_id, tmp_path / "seg.nii.gz", "--labels", "brats2023"
+    )
+    assert np.count_nonzero(expected) > 0
+    assert np.array_equal(out, expected)
 
 
 # ---------------------------------------------------------------- orientation and spacing
