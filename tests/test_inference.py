@@ -113,11 +113,11 @@ def test_predict_replays_the_training_crop(trained, module, demo_root, tmp_path)
     """An explicit replay of what training fed the net (the store's crop window, 160 -> 128,
     the store's kept slices), written out here step by step, equals tumorseg-predict voxel for
     voxel. Predicting the whole 240 x 240 slice resized to 128 (the crop ignored) fails this."""
+    from hydra.utils import instantiate
+
     from tumorseg.data.preprocess import zscore
     from tumorseg.data.store import open_store
     from tumorseg.inference import autocast_dtype
-
-    from hydra.utils import instantiate
 
     store = open_store(instantiate(trained["cfg"].data).store_path())
     info = {c["id"]: c for c in store.manifest["cases"]}
