@@ -278,6 +278,7 @@ def write_kaggle_h5(
     rng: Seed = 0,
     slices: int = 8,
     size: int = 24,
+    mask_order: Sequence[str] = ("ncr", "ed", "et"),
 ) -> dict[int, list[Path]]:
     """The Kaggle "BraTS2020 training data" layout in ``root``::
 
@@ -286,7 +287,8 @@ def write_kaggle_h5(
         root/BraTS2020_training_data/content/data/volume_{V}_slice_{S}.h5
 
     Each slice: ``image`` (size, size, 4) float64 in channel order FLAIR, T1, T1ce, T2 and
-    ``mask`` (size, size, 3) uint8 one-hot (NCR, ED, ET). Returns the slice files per volume.
+    ``mask`` (size, size, 3) uint8 one-hot, channels in ``mask_order`` (default NCR, ED, ET).
+    Returns the slice files per volume.
     """
     rng, root = np.random.default_rng(rng), Path(root)
     data = root / "BraTS2020_training_data" / "content" / "data"
@@ -295,7 +297,8 @@ def write_kaggle_h5(
     for volume in volumes:
         images, classes = make_volume(rng, (size, size, slices))
         stack = np.stack([images[m] for m in MODALITIES], axis=-1).astype(np.float64)
-        onehot = np.stack([classes == c for c in (NCR, ED, ET)], axis=-1).astype(np.uint8)
+        codes = {"ncr": NCR, "ed": ED, "et": ET}
+        onehot = np.stack([classes == codes[n] for n in mask_order], axis=-1).astype(np.uint8)
         written[volume] = []
         for s in range(slices):
             path = data / f"volume_{volume}_slice_{s}.h5"

@@ -471,7 +471,13 @@ def test_channels_command(sets: dict[str, Path], capsys: pytest.CaptureFixture) 
     out = capsys.readouterr().out
     assert "2 kaggle-h5 cases" in out
     assert re.search(r"channel\s+configured\s+brain\s+NCR\s+ED\s+ET", out)
-    assert out.strip().splitlines()[-1].endswith("matches the configured order")
+    verdicts = [line for line in out.splitlines() if "verdict:" in line]
+    assert verdicts[0].startswith("verdict:") and verdicts[0].endswith(
+        "matches the configured order"
+    )
+    assert verdicts[1].startswith("mask verdict:") and verdicts[1].endswith(
+        "matches the configured order"
+    )
 
     args = ["--input", str(sets["kaggle"]), "--channel-order", "t2,t1ce,t1,flair"]
     assert channels.main(args) == 0
@@ -480,6 +486,29 @@ def test_channels_command(sets: dict[str, Path], capsys: pytest.CaptureFixture) 
     assert channels.main(["--input", str(sets["kaggle"] / "nothing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing: no such directory" in err
+
+
+@pytest.mark.parametrize("order", [("et", "ed", "ncr"), ("ed", "ncr", "et"), ("ncr", "et", "ed")])
+def test_channels_catch_a_swapped_mask_order(
+    tmp_path: Path, sets: dict[str, Path], order: tuple[str, ...], capsys: pytest.CaptureFixture
+) -> None:
+    """A copy whose one-hot mask channels are in another order: the check names that order,
+    and reading with it gives the same labels as the standard copy."""
+    fx.write_kaggle_h5(tmp_path, volumes=(1, 2), slices=12, mask_order=order)
+    assert channels.main(["--input", str(tmp_path), "--cases", "2"]) == 0
+    out = capsys.readouterr().out
+    mask_line = next(line for line in out.splitlines() if line.startswith("mask verdict:"))
+    shown = ",".join(order)
+    assert f"look like {shown}: DIFFERS" in mask_line and f"data.mask_order=[{shown}]" in mask_line
+
+    assert channels.main(["--input", str(tmp_path), "--cases", "2", "--mask-order", shown]) == 0
+    out = capsys.readouterr().out
+    assert "mask verdict: mask channels look like ncr,ed,et" not in out  # read as configured
+    assert re.search(r"mask verdict: .*: matches the configured order", out)
+
+    swapped = list_cases(tmp_path, mask_order=order)[0].load()
+    standard = list_cases(sets["kaggle"])[0].load()
+    assert np.array_equal(swapped.seg, standard.seg) and swapped.seg.max() == 3
 
 
 def test_channels_from_data_folder(tmp_path: Path, sets: dict[str, Path]) -> None:

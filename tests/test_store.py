@@ -410,7 +410,7 @@ def test_augment_keeps_shapes_labels_and_background():
     assert ((out != 0).any(1) | (lab == 0)).all()  # tumour stays inside the moved brain
     flipped, flab = Augment(flip_x=0.0, flip_y=1.0)(image, labels)
     assert torch.equal(flipped, image.flip(-1)) and torch.equal(flab, labels.flip(-1))
-    same, slab = Augment(flip_y=0.0)(image, labels)
+    same, slab = Augment(flip_x=0.0)(image, labels)
     assert torch.equal(same, image) and torch.equal(slab, labels)
     shifted = Augment(flip_y=0.0, p_intensity=1.0)(image, labels)[0]
     assert (shifted[image == 0] == 0).all()  # background stays 0
@@ -419,7 +419,7 @@ def test_augment_keeps_shapes_labels_and_background():
 def test_augment_on_device_runs_after_transfer(sets, tmp_path):
     from types import SimpleNamespace
 
-    dm = module(sets["brats"], tmp_path, augment={"flip_y": 1.0}, augment_on_device=True)
+    dm = module(sets["brats"], tmp_path, augment={"flip_x": 0.0, "flip_y": 1.0}, augment_on_device=True)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.datasets["train"].transform is None

@@ -25,9 +25,21 @@ CONVENTIONS: dict[str, dict[int, int]] = {
     "msd": {0: 0, 1: 2, 2: 1, 3: 3},  # MSD Task01: 1 edema, 2 non-enhancing, 3 enhancing
 }
 
-# Kaggle "BraTS2020 training data" h5 masks: one-hot channel k -> canonical label
-# (channel 0 necrotic/non-enhancing core = BraTS 1, 1 edema = 2, 2 enhancing = 4).
-ONE_HOT_LABELS = (1, 2, 3)
+# Kaggle "BraTS2020 training data" h5 masks: one-hot channels, by default (NCR, ED, ET), i.e.
+# channel 0 necrotic/non-enhancing core = BraTS 1, 1 edema = 2, 2 enhancing = 4. The order is
+# undocumented; ``tumorseg-channels`` checks it and ``mask_order`` changes it.
+MASK_LABELS = {"ncr": 1, "ed": 2, "et": 3}  # mask channel name -> canonical label
+MASK_ORDER = ("ncr", "ed", "et")
+ONE_HOT_LABELS = tuple(MASK_LABELS[name] for name in MASK_ORDER)
+
+
+def check_mask_order(order: tuple[str, ...] | list[str], source: str = "mask_order") -> tuple:
+    """``order`` as a tuple naming ncr, ed and et once each (LabelError otherwise)."""
+    names = tuple(str(n).strip().lower() for n in order)
+    if sorted(names) != sorted(MASK_ORDER):
+        raise LabelError(f"{source}: must name each of ncr, ed, et once, got {list(order)}")
+    return names
+
 
 # region -> canonical labels it contains (WT whole tumour, TC tumour core, ET enhancing)
 REGIONS: dict[str, tuple[int, ...]] = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}
@@ -75,8 +87,11 @@ def from_canonical(seg: np.ndarray, convention: str) -> np.ndarray:
     return lut[seg.astype(np.int64)]
 
 
-def from_one_hot(mask: np.ndarray, source: str = "<array>") -> np.ndarray:
-    """Kaggle one-hot mask ``(..., 3)`` (NCR, ED, ET) -> canonical uint8 labels ``(...)``.
+def from_one_hot(
+    mask: np.ndarray, source: str = "<array>", order: tuple[str, ...] = MASK_ORDER
+) -> np.ndarray:
+    """Kaggle one-hot mask ``(..., 3)`` with channels named by ``order`` (default NCR, ED, ET)
+    -> canonical uint8 labels ``(...)``.
 
     Raises ``LabelError`` naming ``source`` when a value is not 0/1 or a pixel has two
     channels set (the channels are mutually exclusive).
@@ -96,7 +111,7 @@ def from_one_hot(mask: np.ndarray, source: str = "<array>") -> np.ndarray:
             f"two or more channels set, first at {where})"
         )
     labels = np.zeros(mask.shape[:-1], dtype=np.uint8)
-    for plane, label in zip(planes, ONE_HOT_LABELS, strict=True):
+    for plane, label in zip(planes, (MASK_LABELS[n] for n in order), strict=True):
         labels += plane * np.uint8(label)
     return labels
 

@@ -1,35 +1,47 @@
-"""``tumorseg-channels``: check which stored image channel holds which MRI modality (see
-``tumorseg.data.channels``)::
+"""``tumorseg-channels``: check which stored image channel holds which MRI modality and, for
+Kaggle copies, which one-hot mask channel holds which tumour label (``tumorseg.data.channels``)::
 
     tumorseg-channels --input /data/brats2020-training-data --cases 5
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
-from tumorseg.cli import ArgError, Parser
+from tumorseg import cli
+from tumorseg.cli import Parser
 from tumorseg.data.channels import channel_report
 from tumorseg.data.nifti import MODALITIES
 from tumorseg.data.readers import FORMATS
 from tumorseg.errors import DataError
-from tumorseg.labels import CONVENTIONS
+from tumorseg.labels import CONVENTIONS, MASK_ORDER
 
 PROG = "tumorseg-channels"
 
 
+def names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip().lower() for name in text.split(",") if name.strip())
+
+
 def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description="Mean z-scored intensity per channel and region.")
+    parser = Parser(
+        prog=PROG, description="Mean z-scored intensity per channel and region; mask channels."
+    )
     add = parser.add_argument
     add("--input", type=Path, required=True, help="data set folder")
     add("--format", choices=("auto", *FORMATS), default="auto", help="source format (auto)")
-    add("--cases", type=int, default=5, help="number of cases to look at (default 5)")
+    add("--cases", type=cli.count(1), default=5, help="number of cases to look at (default 5)")
     add(
         "--channel-order",
-        default=",".join(MODALITIES),
+        type=names,
+        default=MODALITIES,
         help="modality of each stored Kaggle channel (default flair,t1,t1ce,t2)",
+    )
+    add(
+        "--mask-order",
+        type=names,
+        default=MASK_ORDER,
+        help="label of each Kaggle one-hot mask channel (default ncr,ed,et)",
     )
     add("--labels", choices=sorted(CONVENTIONS), help="label convention (default: the format's)")
     return parser
@@ -37,16 +49,15 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``tumorseg-channels --input DIR [--format F] [--cases N] ...``."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = cli.start(PROG, lambda: build_parser().parse_args(argv))
+    if isinstance(args, int):
+        return args
     try:
-        args = build_parser().parse_args(argv)
-        if args.cases < 1:
-            raise ArgError(f"--cases must be at least 1, got {args.cases}")
-        order = tuple(name.strip().lower() for name in args.channel_order.split(","))
-        report = channel_report(args.input, args.format, args.cases, order, args.labels)
-    except (ArgError, DataError, OSError) as err:
-        message = str(err).replace("\n", " ")
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        report = channel_report(
+            args.input, args.format, args.cases, args.channel_order, args.labels, args.mask_order
+        )
+    except (DataError, OSError) as err:
+        cli.error(PROG, str(err).replace("\n", " "))
         return 2
     print(report)
     return 0

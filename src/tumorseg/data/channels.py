@@ -10,6 +10,17 @@ guesses the order from how the modalities look:
 - T1ce: of the rest, the enhancing rim is brightest (contrast agent); T1 is the last one.
 
 and says whether the guess matches the configured order (``--channel-order``).
+
+Then it checks what each one-hot mask channel of a Kaggle copy holds (``--mask-order``,
+default ``ncr,ed,et``), from what the labels look like under the configured order:
+
+- ET is the rim that is bright on T1ce: the label with the highest mean T1ce;
+- edema is outermost (of the rest, the label holding most of the tumour's outer surface) and
+  brightest on FLAIR;
+- NCR is the remaining one, and lies inside the ET envelope (each axial slice's ET region with
+  its holes filled).
+
+A swapped mask exchanges ET and NCR while WT and TC still look fine, so this is checked too.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from tumorseg.data.nifti import MODALITIES, Case
 from tumorseg.data.preprocess import zscore
 from tumorseg.data.readers import list_cases
 from tumorseg.errors import DataError
+from tumorseg.labels import MASK_LABELS, MASK_ORDER, check_mask_order
 
 REGIONS = ("brain", "NCR", "ED", "ET")  # background brain, then canonical labels 1, 2, 3
 
@@ -78,17 +90,26 @@ def channel_report(
     cases: int = 5,
     order: tuple[str, ...] = MODALITIES,
     labels: str | None = None,
+    mask_order: tuple[str, ...] = MASK_ORDER,
 ) -> str:
     """The report on the first ``cases`` labelled cases of ``root``; bad input raises
     ``DataError``."""
-    refs = list_cases(root, fmt, labelled=True, channel_order=order, convention=labels)
+    mask_order = check_mask_order(mask_order, "--mask-order")
+    refs = list_cases(
+        root, fmt, labelled=True, channel_order=order, convention=labels, mask_order=mask_order
+    )
     if not refs:
         raise DataError(f"{root}: no labelled cases")
     refs = refs[:cases]
     sums, counts = np.zeros((4, 4)), np.zeros(4)
+    kaggle = refs[0].format == "kaggle-h5"
+    masks = np.zeros((3, 5))
     for ref in refs:
-        case_sums, case_counts = region_sums(ref.load())
+        case = ref.load()
+        case_sums, case_counts = region_sums(case)
         sums, counts = sums + case_sums, counts + case_counts
+        if kaggle:
+            masks += mask_sums(case)
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts
     # Rows in stored channel order (the reader put them in MODALITIES order).
@@ -101,4 +122,109 @@ def channel_report(
         "(z-scored per volume over brain voxels) per stored channel and region"
     )
     tail = verdict(guess_order(stored), configured, len(refs))
-    return "\n".join([head, table(stored, configured), tail])
+    lines = [head, table(stored, configured), tail]
+    if kaggle:
+        lines += ["", *mask_report(masks, mask_order, len(refs))]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the mask channels
+
+MASK_ROWS = ("T1ce", "FLAIR", "outer surface", "inside ET envelope")
+
+
+def mask_sums(case: Case) -> np.ndarray:
+    """Per canonical label 1..3 (rows): T1ce and FLAIR z-sums, voxels on the whole tumour's
+    outer surface, voxels inside the ET envelope, and the voxel count (columns)."""
+    from scipy import ndimage
+
+    z = zscore(case.image)
+    t1ce, flair = z[MODALITIES.index("t1ce")], z[MODALITIES.index("flair")]
+    tumour = case.seg > 0
+    outer = tumour & ~ndimage.binary_erosion(tumour)
+    envelope = np.zeros_like(tumour)
+    et = case.seg == 3
+    for k in np.flatnonzero(et.any((0, 1))):
+        envelope[..., k] = ndimage.binary_fill_holes(et[..., k])
+    out = np.zeros((3, 5))
+    for row, label in enumerate((1, 2, 3)):
+        mask = case.seg == label
+        out[row] = (
+            t1ce[mask].sum(dtype=np.float64),
+            flair[mask].sum(dtype=np.float64),
+            np.count_nonzero(mask & outer),
+            np.count_nonzero(mask & envelope),
+            np.count_nonzero(mask),
+        )
+    return out
+
+
+def mask_table(sums: np.ndarray) -> np.ndarray:
+    """``(3 labels, 4)``: mean T1ce, mean FLAIR, share of the outer surface, share inside the
+    ET envelope (NaN for a label without voxels)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack(
+            [
+                sums[:, 0] / sums[:, 4],
+                sums[:, 1] / sums[:, 4],
+                sums[:, 2] / sums[:, 2].sum(),
+                sums[:, 3] / sums[:, 4],
+            ],
+            axis=1,
+        )
+
+
+def guess_mask(table: np.ndarray) -> tuple[str, str, str] | None:
+    """What canonical labels 1, 2, 3 (as read) really are: ``ncr``/``ed``/``et`` each, or None
+    when a label has no voxels."""
+    if np.isnan(table[:, :3]).any():
+        return None
+    left = [0, 1, 2]
+    et = max(left, key=lambda r: table[r, 0])  # brightest on T1ce
+    left.remove(et)
+    ed = max(left, key=lambda r: (table[r, 2], table[r, 1]))  # outermost, then FLAIR
+    left.remove(ed)
+    names = {et: "et", ed: "ed", left[0]: "ncr"}
+    return tuple(names[r] for r in range(3))
+
+
+def mask_verdict(guess: tuple[str, ...] | None, configured: tuple[str, ...], cases: int) -> str:
+    """One line: what the mask channels hold, and whether that matches ``configured``."""
+    if guess is None:
+        return (
+            f"mask verdict: cannot tell, a label has no voxels in {cases} cases (try more --cases)"
+        )
+    # channel c is read as configured[c] -> canonical label; guess says what that label is
+    actual = tuple(guess[MASK_LABELS[name] - 1] for name in configured)
+    shown = ",".join(actual)
+    if actual == tuple(configured):
+        return f"mask verdict: mask channels look like {shown}: matches the configured order"
+    return (
+        f"mask verdict: mask channels look like {shown}: DIFFERS from the configured order "
+        f"{','.join(configured)} (pass --mask-order {shown} / data.mask_order=[{shown}])"
+    )
+
+
+def mask_report(sums: np.ndarray, configured: tuple[str, ...], cases: int) -> list[str]:
+    """Lines on the mask channels, from ``mask_sums`` over ``cases`` cases read with
+    ``configured``."""
+    table = mask_table(sums)
+    names = {MASK_LABELS[n]: n for n in configured}
+    lines = [
+        "mask channels (as configured): mean z-scored T1ce and FLAIR, share of the tumour's "
+        "outer surface, share inside the ET envelope",
+        f"{'channel':>7}  {'configured':<10}" + "".join(f"{r:>20}" for r in MASK_ROWS),
+    ]
+    for channel, name in enumerate(configured):
+        row = table[MASK_LABELS[name] - 1]
+        cells = "".join("                 n/a" if np.isnan(v) else f"{v:20.2f}" for v in row)
+        lines.append(f"{channel:>7}  {name:<10}{cells}")
+    guess = guess_mask(table)
+    lines.append(mask_verdict(guess, configured, cases))
+    if guess is not None:
+        ncr = guess.index("ncr")
+        lines.append(
+            f"NCR ({names[ncr + 1]} as configured): {table[ncr, 3]:.0%} of it lies inside the "
+            "ET envelope"
+        )
+    return lines

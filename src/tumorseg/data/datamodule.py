@@ -34,6 +34,7 @@ from tumorseg.data.store import (
 )
 from tumorseg.data.transforms import Augment
 from tumorseg.errors import DataError
+from tumorseg.labels import MASK_ORDER
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -220,7 +221,8 @@ class BratsDataModule(L.LightningDataModule):
         cache_dir: store of a raw ``root``; None: ``cache_root/<root name>-<hash of the
             resolved root and the prepare options>``.
         cache_root: folder of cached stores (None: ``cache`` beside ``root``).
-        dtype, crop, channel_order, convention, prepare_workers, skip_bad: prepare options
+        dtype, crop, channel_order, mask_order, convention, prepare_workers, skip_bad: prepare
+            options
             (see ``tumorseg-prepare``).
         demo_cases, demo_seed, demo_difficulty: size, seed and difficulty (``brats`` or
             ``easy``) of the generated demo set.
@@ -247,6 +249,7 @@ class BratsDataModule(L.LightningDataModule):
         dtype: str = "float16",
         crop: int | None = None,
         channel_order: Sequence[str] = MODALITIES,
+        mask_order: Sequence[str] = MASK_ORDER,
         convention: str | None = None,
         prepare_workers: int = 1,
         skip_bad: bool = False,
@@ -300,6 +303,7 @@ class BratsDataModule(L.LightningDataModule):
             "orientation": ORIENTATION,
             "spacing": list(SPACING),
             "channel_order": list(h.channel_order),
+            **({"mask_order": list(h.mask_order)} if fmt == "kaggle-h5" else {}),
             "convention": h.convention,
         }
 
@@ -326,6 +330,7 @@ class BratsDataModule(L.LightningDataModule):
             tuple(h.channel_order),
             skip_bad=h.skip_bad,
             convention=h.convention,
+            mask_order=tuple(h.mask_order),
         )
         manifest = read_json(path / MANIFEST)
         ids = {r.case_id for r in refs}
@@ -371,6 +376,7 @@ class BratsDataModule(L.LightningDataModule):
             progress=True,
             channel_order=h.channel_order,
             convention=h.convention,
+            mask_order=h.mask_order,
             force=force,
         )
         self._store = self._manifest = self._split = None
@@ -556,6 +562,7 @@ class BratsDataModule(L.LightningDataModule):
             tuple(h.channel_order),
             skip_bad=h.skip_bad,
             convention=h.convention,
+            mask_order=tuple(h.mask_order),
         )
         by_id = {r.case_id: r for r in refs}
         wanted = [by_id[c] for c in self.split()[split] if c in by_id]

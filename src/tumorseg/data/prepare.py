@@ -58,6 +58,7 @@ from tumorseg.data.store import (
     write_json,
 )
 from tumorseg.errors import DataError
+from tumorseg.labels import MASK_ORDER
 
 log = logging.getLogger(__name__)
 CASES = "cases"  # per-case results inside DST.partial
@@ -376,14 +377,16 @@ def prepare(
     *,
     channel_order: Sequence[str] = MODALITIES,
     convention: str | None = None,
+    mask_order: Sequence[str] = MASK_ORDER,
     force: bool = False,
 ) -> dict:
     """Convert the data set at ``src`` into a slice store at ``dst``; returns its manifest.
 
     A complete store at ``dst`` is returned as it is unless ``force``. Bad input raises
     ``DataError`` (``skip_bad``: such cases are left out and listed in ``manifest["skipped"]``).
-    ``channel_order`` names the stored Kaggle image channels; ``convention`` overrides the
-    label convention of the format (see ``tumorseg.data.readers.list_cases``).
+    ``channel_order`` names the stored Kaggle image channels, ``mask_order`` its one-hot mask
+    channels; ``convention`` overrides the label convention of the format (see
+    ``tumorseg.data.readers.list_cases``).
     """
     from tumorseg.data import readers
 
@@ -398,7 +401,13 @@ def prepare(
     start = time.perf_counter()
     with _reader_skips() as listed_bad:
         refs = readers.list_cases(
-            src, fmt, True, tuple(channel_order), skip_bad=skip_bad, convention=convention
+            src,
+            fmt,
+            True,
+            tuple(channel_order),
+            skip_bad=skip_bad,
+            convention=convention,
+            mask_order=tuple(mask_order),
         )
     if not refs:
         raise DataError(f"{src}: no labelled cases found")
@@ -411,6 +420,8 @@ def prepare(
             shutil.rmtree(partial, ignore_errors=True)
             return read_json(dst / MANIFEST)
         options = _options(src, fmt, dtype, crop, channel_order, convention)
+        if fmt == "kaggle-h5":
+            options["mask_order"] = list(mask_order)
         manifest = _packed(partial, options)
         if manifest is None:  # not interrupted between the manifest and the rename
             _start_partial(partial, options)

@@ -38,7 +38,7 @@ from tumorseg.data.nifti import (
     read_seg,
 )
 from tumorseg.errors import DataError
-from tumorseg.labels import CONVENTIONS, from_one_hot
+from tumorseg.labels import CONVENTIONS, MASK_ORDER, check_mask_order, from_one_hot
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ class CaseRef:
     labelled: bool = True
     convention: str = "brats2020"
     channel_order: tuple[str, ...] = MODALITIES
+    mask_order: tuple[str, ...] = MASK_ORDER  # Kaggle one-hot mask channels
 
     def load(self) -> Case:
         """Read the case into a canonical ``Case``; bad input raises ``DataError``."""
@@ -132,6 +133,7 @@ def list_cases(
     *,
     skip_bad: bool = False,
     convention: str | None = None,
+    mask_order: tuple[str, ...] = MASK_ORDER,
 ) -> list[CaseRef]:
     """The cases under ``root``, sorted by ``case_id``; no voxel is read.
 
@@ -143,13 +145,15 @@ def list_cases(
             ``dataset.json``; NIfTI case folders name their files).
         skip_bad: skip (with a warning) cases whose files are incomplete instead of raising.
         convention: label convention overriding the format's default, e.g. ``brats2024``.
+        mask_order: what each Kaggle one-hot mask channel holds (``ncr``, ``ed``, ``et``).
     """
     root = _existing_dir(root)
     _check_options(root, fmt, channel_order, convention)
     if fmt == "auto":
         fmt = detect_format(root)
     if fmt == "kaggle-h5":
-        refs = _list_kaggle(root, tuple(channel_order), skip_bad)
+        order = check_mask_order(mask_order)
+        refs = _list_kaggle(root, tuple(channel_order), skip_bad, order)
     else:
         if tuple(channel_order) != MODALITIES:
             log.warning("channel_order is only used for kaggle-h5; %s files name it", fmt)
@@ -288,7 +292,9 @@ def _kaggle_dir(root: Path) -> Path | None:
     return None
 
 
-def _list_kaggle(root: Path, channel_order: tuple[str, ...], skip_bad: bool) -> list[CaseRef]:
+def _list_kaggle(
+    root: Path, channel_order: tuple[str, ...], skip_bad: bool, mask_order: tuple[str, ...]
+) -> list[CaseRef]:
     folder = _kaggle_dir(root)
     if folder is None:
         raise DataError(f"{root}: no Kaggle slices volume_<V>_slice_<S>.h5 found")
@@ -313,9 +319,8 @@ def _list_kaggle(root: Path, channel_order: tuple[str, ...], skip_bad: bool) -> 
             log.warning("skipping %s", message)
             continue
         paths = tuple(slices[s][0] for s in range(count))
-        refs.append(
-            CaseRef(f"volume_{volume:03d}", "kaggle-h5", paths, True, "brats2020", channel_order)
-        )
+        cid = f"volume_{volume:03d}"
+        refs.append(CaseRef(cid, "kaggle-h5", paths, True, "brats2020", channel_order, mask_order))
     return refs
 
 
@@ -381,7 +386,7 @@ def _load_kaggle(ref: CaseRef) -> Case:
         # Gather slices in a small block, then move the block into place: writing 16
         # neighbouring z at a time is far faster than one strided slice at a time.
         block[z % KAGGLE_BLOCK] = pixels
-        seg[..., z] = from_one_hot(hot, str(path))
+        seg[..., z] = from_one_hot(hot, str(path), ref.mask_order)
         if z % KAGGLE_BLOCK == KAGGLE_BLOCK - 1 or z == depth - 1:
             start = z - z % KAGGLE_BLOCK
             image[..., start : z + 1] = block[: z + 1 - start].transpose(3, 1, 2, 0)[order]
