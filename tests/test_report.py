@@ -235,9 +235,11 @@ def test_case_csv_without_dice_is_unusable(tmp_path):
     with pytest.raises(ValueError, match="missing column"):
         report.read_case_csv(path)
     path.write_text("case_id,region,dice\n007,WT,0.5\n007,whole,0.4\n")
-    assert report.read_case_csv(path).to_dict("records") == [
+    read = report.read_case_csv(path)
+    assert read[["case_id", "region", "dice"]].to_dict("records") == [
         {"case_id": "007", "region": "wt", "dice": 0.5}
     ]
+    assert read[list(report.CASE_METRICS[1:])].isna().all().all()  # absent metrics are NaN
 
 
 def test_paired_test_needs_six_cases():
@@ -329,3 +331,96 @@ def runs_of(uri: str):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cmp")
     return [r for r in client.search_runs([exp.experiment_id]) if report.is_training_run(r)]
+
+
+# ---------------------------------------------------------------- BraTS ranking
+
+
+def means_frame(values: dict[str, dict[str, list[float]]], regions=("wt",)) -> pd.DataFrame:
+    """Case means as ``case_means`` returns them: values[variant][metric] per case."""
+    rows = []
+    for variant, metrics in values.items():
+        n = len(next(iter(metrics.values())))
+        for i in range(n):
+            for region in regions:
+                row = {"variant": variant, "case_id": f"c{i}", "region": region}
+                rows.append(row | {m: v[i] for m, v in metrics.items()})
+    return pd.DataFrame(rows).reindex(
+        columns=["variant", "case_id", "region", *report.CASE_METRICS]
+    )
+
+
+def test_ranking_ranks_per_case_and_metric_then_averages():
+    means = means_frame(
+        {
+            "a": {
+                "lesion_dice": [0.9, 0.8, 0.7],
+                "lesion_hd95": [2.0, 3.0, 4.0],
+                "dice": [0.0] * 3,
+            },
+            "b": {
+                "lesion_dice": [0.8, 0.8, 0.9],
+                "lesion_hd95": [5.0, 1.0, 4.0],
+                "dice": [1.0] * 3,
+            },
+            "c": {
+                "lesion_dice": [0.1, 0.2, 0.3],
+                "lesion_hd95": [9.0, 9.0, 9.0],
+                "dice": [0.5] * 3,
+            },
+        }
+    )
+    assert report.rank_metrics(means) == [("lesion_dice", True), ("lesion_hd95", False)]
+    ranks = report.case_ranks(means, ["a", "b", "c"])
+    a = ranks[ranks.variant == "a"].set_index(["case_id", "metric"])["rank"]
+    assert a[("c1", "lesion_dice")] == 1.5  # a tie shares ranks 1 and 2
+    assert a[("c2", "lesion_hd95")] == 1.5 and a[("c0", "lesion_dice")] == 1
+    table = report.ranking_table(ranks, ["a", "b", "c"]).set_index("variant")
+    # a: 1, 1.5, 2 (Dice) + 1, 2, 1.5 (HD95) = 9 / 6; b: 2, 1.5, 1 + 2, 1, 1.5 = 9 / 6; c: 3
+    assert table["mean_rank"].to_dict() == pytest.approx({"a": 1.5, "b": 1.5, "c": 3.0})
+    assert table["position"].to_dict() == {"a": 1, "b": 1, "c": 3}
+    assert table.loc["c", "p_first"] == 0 and (
+        table.loc["c", "pos_low"],
+        table.loc["c", "pos_high"],
+    ) == (3, 3)
+    assert 0 < table.loc["a", "p_first"] < 1 and table.loc["a", "pos_low"] == 1
+
+
+def test_ranking_falls_back_to_dice_and_hd95_and_is_stable_for_a_clear_winner():
+    rng = np.random.default_rng(0)
+    dice = rng.uniform(0.5, 0.8, size=20)
+    means = means_frame(
+        {
+            "best": {"dice": list(dice + 0.1), "hd95": [1.0] * 20},
+            "worst": {"dice": list(dice), "hd95": [2.0] * 20},
+        },
+        regions=("wt", "tc", "et"),
+    )
+    assert report.rank_metrics(means) == [("dice", True), ("hd95", False)]
+    table = report.ranking_table(report.case_ranks(means, ["worst", "best"]), ["worst", "best"])
+    assert table["variant"].tolist() == ["best", "worst"]
+    assert table.set_index("variant")["p_first"].to_dict() == {"best": 1.0, "worst": 0.0}
+    again = report.ranking_table(report.case_ranks(means, ["worst", "best"]), ["worst", "best"])
+    pd.testing.assert_frame_equal(table, again)  # seeded bootstrap
+
+
+def test_holm_adjusts_in_order_and_keeps_nan():
+    adjusted = report.holm([0.01, 0.04, 0.03, float("nan")])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and np.isnan(adjusted[3])
+    assert report.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+def test_report_writes_the_ranking_and_holm_p_values(store, reported, tmp_path):
+    ranking = pd.read_csv(reported / "ranking.csv")
+    # residual_unet was scored on 4 cases only: the ranking uses those 4, for all three
+    assert set(ranking.variant) == {"unet", "attention_unet", "residual_unet"}
+    assert set(ranking.n_cases) == {4} and ranking.mean_rank.mean() == pytest.approx(2.0)
+    assert "Dice higher is better" in (reported / "ranking.md").read_text()
+    assert "p_holm" not in pd.read_csv(reported / "pairwise.csv").columns
+
+    out = tmp_path / "holm"
+    args = ["--experiment", "cmp", "--tracking-uri", store["uri"], "--output", str(out), "--holm"]
+    assert main(args) == 0
+    pairwise = pd.read_csv(out / "pairwise.csv")
+    assert np.allclose(pairwise.p_holm, report.holm(pairwise.p_value), equal_nan=True)
+    assert pairwise.p_holm.notna().any() and "p (Holm)" in (out / "pairwise.md").read_text()

@@ -20,6 +20,16 @@ are skipped), groups them by their ``variant`` tag and writes into ``--output`` 
   paired by case id: number of cases, median difference B − A, p-value. With fewer than
   ``MIN_PAIRS`` cases, or when all differences are zero, the p-value is NaN and a note says why.
   A run without the artifact is named in the notes and left out of the box plot and the tests.
+  ``--holm`` adds Holm-adjusted p-values over all the tests of the table (``p_holm``).
+* ``ranking.md``, ``ranking.csv``: the BraTS ranking. Per test case, region (WT, TC, ET) and
+  metric, the variants are ranked (1 best; ties share the mean of their ranks) on the
+  lesion-wise Dice (higher better) and lesion-wise HD95 (lower better) of the case-level CSVs,
+  or on Dice and HD95 when the CSVs have no lesion-wise columns, each case's value first
+  averaged over the runs of its variant; a variant's score is its mean rank over all of them,
+  and the positions follow from the scores. Only cases every compared variant was scored on
+  enter. ``BOOTSTRAP`` resamples of the cases (with replacement, seeded) show how stable each
+  position is: the share of resamples in which the variant is first and the 95 % interval of
+  its position.
 
 The same files are logged as artifacts of a new run named ``report`` (tag ``report=true``) in
 the experiment. Tracking URI: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
@@ -54,11 +64,15 @@ PREFERRED_ORDER = ("unet", "attention_unet", "residual_unet")  # the baseline fi
 CURVE_METRIC = "val/dice_mean"
 CASE_ARTIFACT = "evaluation/test_cases.csv"
 MIN_PAIRS = 6  # below this the exact two-sided Wilcoxon p-value cannot reach 0.05
+CASE_METRICS = ("dice", "hd95", "hd95_max", "lesion_dice", "lesion_hd95", "lesion_hd95_max")
+BOOTSTRAP, BOOTSTRAP_SEED = 1000, 0  # resamples of the cases for the ranking's stability
 FILES = (
     "summary.md",
     "summary.csv",
     "pairwise.md",
     "pairwise.csv",
+    "ranking.md",
+    "ranking.csv",
     "learning_curves.png",
     "case_dice_boxplot.png",
 )
@@ -210,19 +224,21 @@ def learning_curves(client: MlflowClient, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_case_csv(path: Path) -> pd.DataFrame:
-    """Case id, region and Dice of a case-level CSV; ValueError if it has none of them."""
+    """Case id, region, Dice and the other ``CASE_METRICS`` (NaN where the CSV has none) of a
+    case-level CSV; ValueError without case id, region or Dice."""
     df = pd.read_csv(path, dtype={"case_id": str})
     missing = {"case_id", "region", "dice"} - set(df.columns)
     if missing:
         raise ValueError(f"missing column(s) {', '.join(sorted(missing))}")
+    df = df.reindex(columns=["case_id", "region", *CASE_METRICS])
     df = df.assign(
         region=df["region"].astype(str).str.lower(),
-        dice=pd.to_numeric(df["dice"], errors="coerce"),
+        **{m: pd.to_numeric(df[m], errors="coerce") for m in CASE_METRICS},
     )
     df = df[df["region"].isin(REGIONS)].dropna(subset=["case_id", "dice"])
     if df.empty:
         raise ValueError("no Dice values for WT, TC or ET")
-    return df[["case_id", "region", "dice"]]
+    return df
 
 
 def run_cases(client: MlflowClient, run_id: str, tmp: Path) -> pd.DataFrame:
@@ -256,7 +272,7 @@ def case_results(client: MlflowClient, frame: pd.DataFrame) -> tuple[pd.DataFram
                 continue
             status[run.run_id] = f"{len(cases)} rows"
             parts.append(cases.assign(run_id=run.run_id, variant=run.variant))
-    columns = ["run_id", "variant", "case_id", "region", "dice"]
+    columns = ["run_id", "variant", "case_id", "region", *CASE_METRICS]
     cases = pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(columns=columns)
     return cases, status
 
@@ -279,8 +295,9 @@ def summary_table(frame: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
 
 
 def case_means(cases: pd.DataFrame) -> pd.DataFrame:
-    """Dice per variant, case and region, averaged over the variant's runs."""
-    return cases.groupby(["variant", "case_id", "region"], as_index=False)["dice"].mean()
+    """``CASE_METRICS`` per variant, case and region, averaged over the variant's runs."""
+    keys = ["variant", "case_id", "region"]
+    return cases.groupby(keys, as_index=False)[list(CASE_METRICS)].mean()
 
 
 def paired_test(a: pd.Series, b: pd.Series) -> dict[str, object]:
@@ -304,6 +321,20 @@ def paired_test(a: pd.Series, b: pd.Series) -> dict[str, object]:
     return out
 
 
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (NaN entries stay NaN and do not count)."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(~np.isnan(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (m - k) * p[i]))
+        out[i] = running
+    return out
+
+
 def pairwise_table(means: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
     """One row per pair of variants (A before B in ``variants``) and region."""
     rows = []
@@ -322,6 +353,83 @@ def pairwise_table(means: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame
             rows.append({"variant_a": a, "variant_b": b, "region": region, **result})
     columns = ["variant_a", "variant_b", "region", "n_cases", "median_diff", "p_value", "note"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def rank_metrics(means: pd.DataFrame) -> list[tuple[str, bool]]:
+    """(column, higher is better) to rank on: lesion-wise Dice and HD95 where the case CSVs
+    have them, else Dice and HD95 (or Dice alone)."""
+
+    def present(column: str) -> bool:
+        return column in means and bool(means[column].notna().any())
+
+    for dice, hd95s in (
+        ("lesion_dice", ("lesion_hd95", "lesion_hd95_max")),
+        ("dice", ("hd95", "hd95_max")),
+    ):
+        hd95 = next((c for c in hd95s if present(c)), None)
+        if present(dice) and hd95:
+            return [(dice, True), (hd95, False)]
+    return [("dice", True)]
+
+
+def case_ranks(means: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
+    """Rank of each variant per case, region and metric (1 best, ties share the mean rank),
+    on the cases where every one of ``variants`` has the metric: columns case_id, region,
+    metric, variant, rank."""
+    parts = []
+    for metric, higher in rank_metrics(means):
+        wide = means.pivot_table(index=["case_id", "region"], columns="variant", values=metric)
+        wide = wide.reindex(columns=list(variants)).dropna()
+        if wide.empty:
+            continue
+        ranks = wide.rank(axis=1, ascending=not higher, method="average")
+        long = ranks.stack().rename("rank").reset_index().assign(metric=metric)
+        parts.append(long)
+    columns = ["case_id", "region", "metric", "variant", "rank"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True)[columns]
+
+
+def ranking_table(
+    ranks: pd.DataFrame,
+    variants: Sequence[str],
+    resamples: int = BOOTSTRAP,
+    seed: int = BOOTSTRAP_SEED,
+) -> pd.DataFrame:
+    """Mean rank and position per variant, with the bootstrap over cases: ``p_first`` (share
+    of resamples where the variant is first; ties for first count for each) and the 2.5 and
+    97.5 percentiles of its position."""
+    columns = ["position", "variant", "mean_rank", "n_cases", "p_first", "pos_low", "pos_high"]
+    if ranks.empty:
+        return pd.DataFrame(columns=columns)
+    variants = list(variants)
+    sums = ranks.pivot_table(index="case_id", columns="variant", values="rank", aggfunc="sum")
+    sums = sums.reindex(columns=variants)
+    counts = ranks[ranks["variant"] == variants[0]].groupby("case_id").size()
+    counts = counts.reindex(sums.index).to_numpy(float)
+    s = sums.to_numpy(float)
+    mean_rank = s.sum(axis=0) / counts.sum()
+    position = pd.Series(mean_rank).rank(method="min").to_numpy()
+    rng = np.random.default_rng(seed)
+    n = len(counts)
+    picks = rng.integers(0, n, size=(resamples, n))
+    weights = np.stack([np.bincount(row, minlength=n) for row in picks])
+    boot = (weights @ s) / (weights @ counts)[:, None]
+    boot_pos = pd.DataFrame(boot).rank(axis=1, method="min").to_numpy()
+    rows = [
+        {
+            "position": int(position[k]),
+            "variant": v,
+            "mean_rank": float(mean_rank[k]),
+            "n_cases": n,
+            "p_first": float(np.mean(boot_pos[:, k] == 1)),
+            "pos_low": float(np.percentile(boot_pos[:, k], 2.5)),
+            "pos_high": float(np.percentile(boot_pos[:, k], 97.5)),
+        }
+        for k, v in enumerate(variants)
+    ]
+    return pd.DataFrame(rows, columns=columns).sort_values(["position", "variant"], kind="stable")
 
 
 # ---------------------------------------------------------------- text
@@ -392,7 +500,15 @@ def summary_markdown(
 
 
 def pairwise_markdown(pairwise: pd.DataFrame, n_variants: int) -> str:
-    """``pairwise.md``: the paired tests with their notes."""
+    """``pairwise.md``: the paired tests with their notes (and Holm-adjusted p-values when the
+    table has ``p_holm``)."""
+    adjusted = "p_holm" in pairwise
+    correction = (
+        "Holm-adjusted p-values (Holm-Bonferroni over all the tests of this table) are in the "
+        "last p column."
+        if adjusted
+        else "p-values are not corrected for multiple comparisons (`--holm` adds Holm's)."
+    )
     lines = [
         "# Paired tests of case-level Dice",
         "",
@@ -400,7 +516,7 @@ def pairwise_markdown(pairwise: pd.DataFrame, n_variants: int) -> str:
         "test cases both variants were scored on, paired by case id; each case's Dice is first "
         "averaged over the runs of its variant. Median difference is B − A (positive: B "
         f"better). p-value NaN: fewer than {MIN_PAIRS} paired cases or all differences zero "
-        "(see note). p-values are not corrected for multiple comparisons.",
+        f"(see note). {correction}",
         "",
     ]
     if n_variants < 2:
@@ -413,12 +529,49 @@ def pairwise_markdown(pairwise: pd.DataFrame, n_variants: int) -> str:
             r.n_cases,
             "–" if np.isnan(r.median_diff) else f"{r.median_diff:+.4f}",
             "NaN" if np.isnan(r.p_value) else f"{r.p_value:.4g}",
+            *(["NaN" if np.isnan(r.p_holm) else f"{r.p_holm:.4g}"] if adjusted else []),
             r.note,
         ]
         for r in pairwise.itertuples()
     ]
     header = ["variant A", "variant B", "region", "n cases", "median ΔDice (B − A)", "p-value"]
+    header += ["p (Holm)"] if adjusted else []
     return "\n".join(lines + markdown_table([*header, "note"], rows)) + "\n"
+
+
+def ranking_markdown(ranking: pd.DataFrame, ranks: pd.DataFrame, n_variants: int) -> str:
+    """``ranking.md``: the BraTS-style ranking and its bootstrap stability."""
+    metrics = ", ".join(f"`{m}`" for m in ranks["metric"].unique()) if len(ranks) else "–"
+    lines = [
+        "# BraTS-style ranking",
+        "",
+        "Per test case, region (WT, TC, ET) and metric the variants are ranked (1 best; ties "
+        "share the mean of their ranks; Dice higher is better, HD95 lower), each case's value "
+        "first averaged over the runs of its variant; the score is a variant's mean rank over "
+        f"all of them (lower is better). Metrics: {metrics}; only cases every variant was "
+        f"scored on. Stability: {BOOTSTRAP} bootstrap resamples of the cases (seed "
+        f"{BOOTSTRAP_SEED}): the share in which the variant ranks first and the 95 % interval "
+        "of its position.",
+        "",
+    ]
+    if n_variants < 2 or ranking.empty:
+        return (
+            "\n".join([*lines, "Fewer than two variants with case-level results: no ranking."])
+            + "\n"
+        )
+    rows = [
+        [
+            r.position,
+            r.variant,
+            f"{r.mean_rank:.3f}",
+            r.n_cases,
+            f"{100 * r.p_first:.1f} %",
+            f"{r.pos_low:g}–{r.pos_high:g}",
+        ]
+        for r in ranking.itertuples()
+    ]
+    header = ["position", "variant", "mean rank", "n cases", "ranked first", "95 % position"]
+    return "\n".join(lines + markdown_table(header, rows)) + "\n"
 
 
 # ---------------------------------------------------------------- figures
@@ -528,7 +681,11 @@ def log_report(
 
 
 def build_report(
-    client: MlflowClient, experiment: str, where: str | None = None, prefix: str = "test"
+    client: MlflowClient,
+    experiment: str,
+    where: str | None = None,
+    prefix: str = "test",
+    holm_correction: bool = False,
 ) -> tuple[str, dict, dict]:
     """Read the runs and compute everything: experiment id, file writers, context."""
     experiment_id = find_experiment(client, experiment)
@@ -550,12 +707,19 @@ def build_report(
     cases, status = case_results(client, frame)
     means = case_means(cases)
     pairwise = pairwise_table(means, variants)
+    if holm_correction:
+        pairwise = pairwise.assign(p_holm=holm(pairwise["p_value"].to_numpy(float)))
+    ranked = [v for v in variants if v in set(means["variant"])]
+    ranks = case_ranks(means, ranked) if len(ranked) > 1 else case_ranks(means.iloc[:0], ranked)
+    ranking = ranking_table(ranks, ranked)
 
     writers: dict[str, Callable[[Path], None]] = {
         "summary.md": lambda p: p.write_text(summary_markdown(summary, frame, status, context)),
         "summary.csv": lambda p: summary.to_csv(p, index=False),
         "pairwise.md": lambda p: p.write_text(pairwise_markdown(pairwise, len(variants))),
         "pairwise.csv": lambda p: pairwise.to_csv(p, index=False),
+        "ranking.md": lambda p: p.write_text(ranking_markdown(ranking, ranks, len(ranked))),
+        "ranking.csv": lambda p: ranking.to_csv(p, index=False),
     }
     if not curves.empty:
         writers["learning_curves.png"] = lambda p: save_learning_curves(curves, variants, p)

@@ -29,6 +29,7 @@ def build_parser() -> Parser:
     add("--tracking-uri", metavar="URI", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI)")
     add("--filter", metavar="EXPR", help="extra MLflow run filter, e.g. \"tags.sweep = '...'\"")
     add("--metric-prefix", default="test", help="metrics <prefix>/dice_wt ... (default test)")
+    add("--holm", action="store_true", help="add Holm-adjusted p-values to the paired tests")
     return parser
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = open_client(uri)
         experiment_id, writers, context = build_report(
-            client, args.experiment, args.filter, args.metric_prefix
+            client, args.experiment, args.filter, args.metric_prefix, args.holm
         )
     except DataError as err:
         error(str(err))
