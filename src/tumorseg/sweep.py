@@ -19,7 +19,8 @@ import re
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from tumorseg import tracking
 
@@ -56,8 +58,40 @@ def absolute_url(url: str | None) -> str | None:
     return make_url(url).set(database=str(path.resolve())).render_as_string(hide_password=False)
 
 
-def open_storage(url: str | None) -> optuna.storages.RDBStorage | None:
-    """RDB storage for ``url`` (None: in memory). SQLite waits up to 60 s for a locked file."""
+# advisory lock keys (PostgreSQL): one per kind of set-up that must not run twice at once
+LOCK_KEYS = {"schema": 0x7475_6D6F_0001, "study set-up": 0x7475_6D6F_0002}
+
+
+@contextmanager
+def database_lock(url: str | None, what: str) -> Iterator[None]:
+    """Hold a PostgreSQL advisory lock named ``what`` (one per database) for the block, so
+    workers started together set up a database one after the other. Other URLs: no lock."""
+    if not url or make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEYS[what]})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEYS[what]})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+def open_storage(url: str | None, **kwargs: Any) -> optuna.storages.RDBStorage | None:
+    """RDB storage for ``url`` (None: in memory); ``kwargs`` go to ``RDBStorage`` (heartbeat).
+
+    SQLite waits up to 60 s for a locked file. On PostgreSQL the schema is created under an
+    advisory lock: Optuna's own creation races (``UniqueViolation`` on ``alembic_version``)
+    when workers start together on a fresh database.
+    """
     if not url:
         return None
     engine_kwargs: dict[str, Any] = {}
@@ -65,7 +99,10 @@ def open_storage(url: str | None) -> optuna.storages.RDBStorage | None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    else:
+        engine_kwargs["pool_pre_ping"] = True  # a server restart drops pooled connections
+    with database_lock(url, "schema"):
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 
 def storage_label(url: str | None, sweep_dir: str) -> str:
@@ -218,11 +255,15 @@ class StudyRuns:
             self.client.delete_run(own)
         return first
 
-    def mark(self, number: int, state: TrialState) -> None:
-        """Tag trial ``number``'s run ``optuna_state``; pruned runs end KILLED, not FAILED."""
-        found = self._search(f"tags.optuna_trial = '{number}'", order="DESC")
-        nested = [r for r in found if r.data.tags.get("mlflow.parentRunId") == self.parent_id]
-        run = (nested or found or [None])[0]
+    def mark(self, number: int, state: TrialState, run_id: str | None = None) -> None:
+        """Tag trial ``number``'s run (``run_id`` when known) ``optuna_state``; pruned runs end
+        KILLED, runs left RUNNING (their job died) end FAILED."""
+        if run_id:
+            run = self.client.get_run(run_id)
+        else:
+            found = self._search(f"tags.optuna_trial = '{number}'", order="DESC")
+            nested = [r for r in found if r.data.tags.get("mlflow.parentRunId") == self.parent_id]
+            run = (nested or found or [None])[0]
         if run is None:
             log.info("trial %d has no MLflow run (it failed before training)", number)
             return

@@ -47,7 +47,9 @@ class OptunaSweeperConf:
     params: dict[str, Any] | None = None
     direction: str = "maximize"  # of the job's return value
     n_trials: int = 20  # trials in the study in all (finished + running), not per run
-    n_jobs: int = 1  # trials run at once by this sweeper, each in its own process when > 1
+    # trials run at once by this sweeper, each in its own process when > 1; null: one per
+    # device set of the pool (len(devices) // devices_per_trial), else 1
+    n_jobs: Any = None
     storage: str | None = None  # RDB URL (sqlite:///..., postgresql://...); null: in memory
     study_name: str | None = None
     sampler: Any = None
@@ -58,6 +60,18 @@ class OptunaSweeperConf:
     callback_key: str = "callbacks.optuna_pruning"
     tags_key: str | None = "tags"  # job config dict of MLflow tags; gets optuna_study/trial
     mlflow: bool = True  # parent run per study, optuna_state tags, plots (needs logger.mlflow)
+    # device pool for parallel trials: auto (every visible GPU, unless trainer.accelerator is
+    # cpu), a list of indices ([0,1,2,3]) or null (no pool). Each running trial gets its own
+    # devices_per_trial of them (CUDA_VISIBLE_DEVICES) and ++<devices_key>=devices_per_trial
+    devices: Any = None
+    devices_per_trial: int = 1
+    devices_key: str | None = "trainer.devices"
+    # with an RDB storage: seconds between heartbeats of running trials; another worker fails
+    # a trial whose heartbeat stopped for grace_period (default 2 x interval) and retries it
+    # up to max_retry times (its MLflow run ends FAILED). null: no heartbeats
+    heartbeat_interval: Any = None
+    grace_period: Any = None
+    max_retry: Any = 1
 
 
 def register() -> None:

@@ -7,25 +7,30 @@ any other exception, or no finite value, is FAIL with the reason in user attr ``
 and the sweep goes on.
 
 ``n_trials`` is the size of the study, not of this run: a rerun (or a second worker on the same
-storage) only runs what is missing, counting finished and running trials. ``n_jobs > 1`` with
-Hydra's basic launcher runs that many trials at once, each in a spawned process that runs the
-Hydra job as the launcher would; with another launcher (joblib, submitit) trials go to it in
-batches of ``n_jobs``.
+storage) only runs what is missing, counting finished and running trials. ``n_jobs > 1`` or a
+device pool (``devices``, ``devices_per_trial``) with Hydra's basic launcher runs trials at once,
+each in a fresh spawned process on its own devices (:mod:`.pool`); with another launcher
+(joblib, submitit) trials go to it in batches of ``n_jobs``.
+
+Workers on other machines: with ``heartbeat_interval`` set, this sweeper records a heartbeat for
+each trial it runs, and fails the trials of workers that stopped beating for ``grace_period``
+(killed, machine lost), retrying each up to ``max_retry`` times and ending its MLflow run
+FAILED. A worker whose own trials are done waits for such trials before it exits.
 
 Heavy imports (torch, lightning, mlflow via :mod:`tumorseg.sweep`) happen inside ``sweep``, so
 Hydra's plugin scan at every start stays cheap. No ``from __future__ import annotations``: Hydra's
 scan runs this module before it is in ``sys.modules``, where string annotations break dataclasses.
 """
 
+import inspect
 import logging
 import math
-import multiprocessing
 import os
 import socket
-import sys
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +45,7 @@ from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -50,10 +55,22 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.tumorseg_optuna_sweeper.config import OptunaSweeperConf
+from hydra_plugins.tumorseg_optuna_sweeper.pool import (
+    DevicePool,
+    JobFailed,
+    JobProcesses,
+    visible_devices,
+)
 
 log = logging.getLogger(__name__)
 __all__ = ["OptunaSweeper", "OptunaSweeperConf"]
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+# Optuna 4.9 renamed the stale-trial callback
+STALE_CALLBACK = (
+    "heartbeat_stale_trial_callback"
+    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+    else "failed_trial_callback"
+)
 
 
 @dataclass
@@ -71,6 +88,8 @@ def outcome_of(job: Callable[[], Any]) -> Outcome:
         value = job()
     except optuna.TrialPruned as err:
         return Outcome(TrialState.PRUNED, reason=str(err))
+    except JobFailed as err:  # failed in another process; the message names the error
+        return Outcome(TrialState.FAIL, reason=str(err))
     except Exception as err:
         log.warning("job failed", exc_info=err)
         return Outcome(TrialState.FAIL, reason=f"{type(err).__name__}: {err}")
@@ -138,56 +157,12 @@ def render(value: Any) -> str:
     return Transformer.str(value)
 
 
-# --- trials in spawned processes (n_jobs > 1 with the basic launcher) -----------------------
-
-# Hydra's plugin scan re-runs this module in every new Plugins instance (each job's
-# Singleton.set_state): keep the worker's state across those re-runs
-_WORKER: dict[str, Any] = globals().get("_WORKER", {})
-
-
-def _init_worker(payload: bytes, threads: int) -> None:
-    import cloudpickle
-
-    keys = ("context", "config", "task", "singletons")
-    _WORKER.update(zip(keys, cloudpickle.loads(payload), strict=True))
-    torch = sys.modules.get("torch")  # share the cores between the trials running at once
-    if torch is not None and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(threads)
-
-
-def _run_in_worker(number: int, overrides: list[str]) -> Outcome:
-    """One Hydra job as the basic launcher runs it, in this worker process."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.singleton import Singleton
-    from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict
-
-    def job() -> Any:
-        setup_globals()
-        Singleton.set_state(_WORKER["singletons"])
-        context: HydraContext = _WORKER["context"]
-        config = context.config_loader.load_sweep_config(_WORKER["config"], overrides)
-        with open_dict(config):
-            config.hydra.job.id = number
-            config.hydra.job.num = number
-        HydraConfig.instance().set_config(config)
-        ret = run_job(
-            hydra_context=context,
-            task_function=_WORKER["task"],
-            config=config,
-            job_dir_key="hydra.sweep.dir",
-            job_subdir_key="hydra.sweep.subdir",
-        )
-        return job_value(ret)
-
-    return outcome_of(job)
-
-
 @contextmanager
 def _init_lock(storage: str | None) -> Iterator[None]:
-    """Serialise study and MLflow set-up of workers sharing one SQLite file (fresh databases
-    cannot be created by two processes at once)."""
-    from tumorseg.sweep import sqlite_path
+    """Serialise study and MLflow set-up of workers sharing one storage: a file lock beside a
+    SQLite file, an advisory lock on PostgreSQL (fresh databases cannot be set up by two
+    processes at once)."""
+    from tumorseg.sweep import database_lock, sqlite_path
 
     path = sqlite_path(storage)
     try:
@@ -195,7 +170,8 @@ def _init_lock(storage: str | None) -> Iterator[None]:
     except ImportError:  # not POSIX
         path = None
     if path is None:
-        yield
+        with database_lock(storage, "study set-up"):
+            yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{path}.lock", "w") as lock:
@@ -216,6 +192,42 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _Heartbeat:
+    """Records a heartbeat for each trial this sweeper runs, every ``interval`` seconds, so
+    workers elsewhere can tell its trials from those of a worker that died."""
+
+    def __init__(self, storage: Any, interval: float) -> None:
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="optuna-heartbeat", daemon=True)
+        self.thread.start()
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.add(trial_id)
+        self.storage.record_heartbeat(trial_id)
+
+    def remove(self, trial_id: int) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = list(self.trial_ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as err:  # a database hiccup: try again next beat
+                    log.warning("heartbeat of trial id %d failed: %s", trial_id, err)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
 class OptunaSweeper(Sweeper):
     """Runs ``n_trials`` Hydra jobs in all as trials of an Optuna study (see the module doc)."""
 
@@ -224,7 +236,7 @@ class OptunaSweeper(Sweeper):
         params: DictConfig | None = None,
         direction: str = "maximize",
         n_trials: int = 20,
-        n_jobs: int = 1,
+        n_jobs: int | None = None,
         storage: str | None = None,
         study_name: str | None = None,
         sampler: DictConfig | None = None,
@@ -234,11 +246,19 @@ class OptunaSweeper(Sweeper):
         callback_key: str = "callbacks.optuna_pruning",
         tags_key: str | None = "tags",
         mlflow: bool = True,
+        devices: Any = None,
+        devices_per_trial: int = 1,
+        devices_key: str | None = "trainer.devices",
+        heartbeat_interval: int | None = None,
+        grace_period: int | None = None,
+        max_retry: int | None = 1,
     ) -> None:
         if direction not in ("maximize", "minimize"):
             raise HydraException(f"hydra.sweeper.direction: maximize or minimize, not {direction}")
-        if n_jobs < 1 or n_trials < 0:
-            raise HydraException("hydra.sweeper: n_jobs must be >= 1 and n_trials >= 0")
+        if (n_jobs is not None and n_jobs < 1) or n_trials < 0 or devices_per_trial < 1:
+            raise HydraException(
+                "hydra.sweeper: n_jobs and devices_per_trial must be >= 1 and n_trials >= 0"
+            )
         self.params = OmegaConf.to_container(params, resolve=True) if params else {}
         self.direction, self.n_trials, self.n_jobs = direction, n_trials, n_jobs
         self.storage, self.study_name = storage or None, study_name
@@ -246,6 +266,16 @@ class OptunaSweeper(Sweeper):
         self.pruner_cfg = OmegaConf.to_container(pruner, resolve=True) if pruner else {}
         self.monitor, self.callback, self.callback_key = monitor, callback, callback_key
         self.tags_key, self.use_mlflow = tags_key, mlflow
+        if isinstance(devices, (DictConfig, ListConfig)):
+            devices = OmegaConf.to_container(devices, resolve=True)
+        self.devices, self.devices_per_trial, self.devices_key = (
+            devices,
+            devices_per_trial,
+            devices_key,
+        )
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.max_retry = max_retry
+        self.heartbeat: _Heartbeat | None = None
         self.space: dict[str, BaseDistribution] = {}
         self.fixed: list[str] = []
         self.runs: Any = None  # tumorseg.sweep.StudyRuns when MLflow is on
@@ -276,6 +306,9 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         self.label = storage_label(self.storage, str(sweep_dir))
+        basic = type(self.launcher).__name__ == "BasicLauncher"
+        pool = self._device_pool(basic)
+        self.n_jobs = self._jobs(pool)
 
         with _init_lock(self.storage):
             study = self._open_study()
@@ -283,30 +316,83 @@ class OptunaSweeper(Sweeper):
             self._fail_stale(study)
         before = {t.number for t in study.get_trials(deepcopy=False)}
         log.info(
-            "study %s (%s): %d trials of %d, %d to run, %d at a time; space %s",
+            "study %s (%s): %d trials of %d, %d to run, %d at a time%s; space %s",
             self.study_name,
             self.label,
-            len(study.get_trials(deepcopy=False, states=TAKEN)),
+            len(self._taken(study)),
             self.n_trials,
             self._todo(study),
             self.n_jobs,
+            f" on devices {pool.devices}, {pool.per_job} per trial" if pool else "",
             list(self.space),
         )
+        if self.heartbeat_interval and self.storage:
+            self.heartbeat = _Heartbeat(study._storage, self.heartbeat_interval)
         try:
-            if self.n_jobs > 1 and type(self.launcher).__name__ == "BasicLauncher":
-                self._run_pool(study)
-            else:
-                self._run_batches(study)
+            while True:
+                if basic and (pool is not None or self.n_jobs > 1):
+                    self._run_processes(study, pool)
+                else:
+                    self._run_batches(study)
+                if not self._wait_for_others(study):
+                    break
         finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             self._report(study, sweep_dir)
         return [t for t in study.get_trials() if t.number not in before]
+
+    def _device_pool(self, basic: bool) -> DevicePool | None:
+        """The pool of ``devices`` (``auto``: every visible GPU, for jobs not on the CPU)."""
+        if self.devices is None:
+            return None
+        accelerator = str(OmegaConf.select(self.config, "trainer.accelerator", default="auto"))
+        if self.devices == "auto" and accelerator == "cpu":
+            return None
+        devices = visible_devices(self.devices)
+        if not devices:
+            if self.devices != "auto":
+                raise HydraException("hydra.sweeper.devices: an empty list; use null for none")
+            return None
+        if not basic:
+            log.warning(
+                "hydra.sweeper.devices: the %s launcher places jobs itself; no device pool",
+                type(self.launcher).__name__,
+            )
+            return None
+        return DevicePool(devices, self.devices_per_trial)
+
+    def _jobs(self, pool: DevicePool | None) -> int:
+        """``n_jobs``, by default one per device set of the pool (else 1)."""
+        if pool is None:
+            return self.n_jobs or 1
+        if self.n_jobs is not None and self.n_jobs > pool.slots:
+            log.warning(
+                "n_jobs=%d, but %d devices hold only %d trials of %d devices: %d at a time",
+                self.n_jobs,
+                len(pool.devices),
+                pool.slots,
+                pool.per_job,
+                pool.slots,
+            )
+        return min(self.n_jobs or pool.slots, pool.slots)
 
     def _open_study(self) -> optuna.Study:
         from tumorseg.sweep import open_storage
 
+        storage = None
+        if self.storage:
+            beats = {}
+            if self.heartbeat_interval:
+                beats = {
+                    "heartbeat_interval": self.heartbeat_interval,
+                    "grace_period": self.grace_period,
+                    STALE_CALLBACK: self._on_stale,
+                }
+            storage = open_storage(self.storage, **beats)
         study = optuna.create_study(
             study_name=self.study_name,
-            storage=open_storage(self.storage),
+            storage=storage,
             direction=self.direction,
             pruner=instantiate(self.pruner_cfg) if self.pruner_cfg else None,
             load_if_exists=True,
@@ -324,18 +410,58 @@ class OptunaSweeper(Sweeper):
             study.sampler = instantiate(sampler_cfg)
         return study
 
-    def _fail_stale(self, study: optuna.Study) -> None:
-        """FAIL running trials whose sweeper process on this machine is gone (killed sweeps)."""
+    def _fail_stale(self, study: optuna.Study, local: bool = True) -> None:
+        """FAIL running trials whose sweeper is gone: with ``local``, those of this machine
+        whose sweeper process has ended; with heartbeats, any not beating for
+        ``grace_period``."""
         host = socket.gethostname()
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in running if local else ():
             where, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
             if where == host and pid.isdigit() and not _alive(int(pid)):
                 reason = f"stale: its sweeper (pid {pid} on {host}) ended while it ran"
                 study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 log.warning("trial %d: %s", t.number, reason)
-                if self.runs is not None:
-                    self._guard("MLflow tag", self.runs.mark, t.number, TrialState.FAIL)
+                self._on_stale(study, study._storage.get_trial(t._trial_id), reason)
+        if self.heartbeat_interval and self.storage:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # calls _on_stale for each
+
+    def _on_stale(self, study: optuna.Study, trial: FrozenTrial, reason: str = "") -> None:
+        """A trial failed because its worker died: record why, queue a retry with the same
+        params (up to ``max_retry``) and end its MLflow run FAILED."""
+        if not reason:
+            reason = (
+                f"stale: no heartbeat from its sweeper ({trial.user_attrs.get('worker', '?')}) "
+                f"for {self.grace_period or 2 * (self.heartbeat_interval or 0)} s"
+            )
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            log.warning("trial %d: %s", trial.number, reason)
+        retries = int(trial.user_attrs.get("retries", 0))
+        if self.max_retry and retries < self.max_retry:  # the same params, once more
+            attrs = {"retry_of": trial.number, "retries": retries + 1}
+            study.enqueue_trial(trial.params, user_attrs=attrs)
+            log.info(
+                "trial %d queued again (retry %d of %d)", trial.number, retries + 1, self.max_retry
+            )
+        if self.runs is not None:
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            self._guard("MLflow tag", self.runs.mark, trial.number, TrialState.FAIL, run_id)
+
+    def _wait_for_others(self, study: optuna.Study) -> bool:
+        """With heartbeats, after this sweeper's own trials: while trials of other workers run,
+        wait and fail those whose worker died (their retries may then run here)."""
+        if self.heartbeat is None or self.exhausted:
+            return False
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return False
+        log.info("waiting for trials %s of other workers", [t.number for t in running])
+        time.sleep(max(1.0, min(self.heartbeat_interval, 10)))
+        self._fail_stale(study, local=False)  # as on a cluster: the heartbeat alone decides
+        return True
 
     def _open_runs(self) -> Any:
         from tumorseg.sweep import StudyRuns
@@ -346,10 +472,22 @@ class OptunaSweeper(Sweeper):
         mlflow_cfg = OmegaConf.to_container(mlflow_cfg, resolve=True)
         return StudyRuns.open(mlflow_cfg, self.study_name, self.label)
 
+    @staticmethod
+    def _taken(study: optuna.Study) -> list[FrozenTrial]:
+        """Trials that count towards ``n_trials``: all but waiting ones and failures that a
+        retry replaced."""
+        trials = study.get_trials(deepcopy=False)
+        retried = {t.user_attrs.get("retry_of") for t in trials}
+        return [
+            t
+            for t in trials
+            if t.state in TAKEN and not (t.state == TrialState.FAIL and t.number in retried)
+        ]
+
     def _todo(self, study: optuna.Study) -> int:
         if self.exhausted:
             return 0
-        return self.n_trials - len(study.get_trials(deepcopy=False, states=TAKEN))
+        return self.n_trials - len(self._taken(study))
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         from tumorseg.sweep import LIVE_TRIALS
@@ -357,6 +495,8 @@ class OptunaSweeper(Sweeper):
         trial = study.ask(self.space)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("sweep_dir", str(self.config.hydra.sweep.dir))
+        if self.heartbeat is not None:
+            self.heartbeat.add(trial._trial_id)
         if self.storage is None:
             LIVE_TRIALS[(study.study_name, trial.number)] = trial
         return trial
@@ -393,6 +533,8 @@ class OptunaSweeper(Sweeper):
                 raise
             self.exhausted = True
             done = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        if self.heartbeat is not None:
+            self.heartbeat.remove(trial._trial_id)
         LIVE_TRIALS.pop((study.study_name, trial.number), None)
         log.info(
             "trial %d %s%s",
@@ -433,55 +575,32 @@ class OptunaSweeper(Sweeper):
             return [Outcome(TrialState.FAIL, reason=f"{type(err).__name__}: {err}")] * len(trials)
         return [outcome_of(lambda r=r: job_value(r)) for r in returns]
 
-    # --- n_jobs processes ----------------------------------------------------------------------
+    # --- trials in their own processes, on devices from the pool -----------------------------
 
-    def _run_pool(self, study: optuna.Study) -> None:
+    def _run_processes(self, study: optuna.Study, pool: DevicePool | None) -> None:
+        """Keep ``n_jobs`` trials running (each in a fresh process, on its own devices) until
+        the study is full. A trial whose process dies is FAIL; the others go on."""
         if self.storage is None:
-            log.warning("n_jobs > 1 with in-memory storage: trials run, but nothing is pruned")
-        while self._todo(study) > 0:
-            self._pool_round(study)
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        import cloudpickle
-        from hydra.core.singleton import Singleton
-
-        # by value: hydra.main() hides the task function behind its wrapper of the same name
-        payload = cloudpickle.dumps(
-            (self.hydra_context, self.config, self.task_function, Singleton.get_state())
-        )
-        threads = max(1, (os.cpu_count() or 1) // self.n_jobs)
-        return ProcessPoolExecutor(
-            self.n_jobs,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(payload, threads),
-        )
-
-    def _pool_round(self, study: optuna.Study) -> None:
-        """Keep n_jobs trials running until the study is full, or until a worker process dies
-        (killed for memory, say): then its trials FAIL and the caller starts a fresh pool."""
-        running: dict[Future, optuna.Trial] = {}
-        broken = False
-        with self._new_pool() as pool:
+            log.warning("trials in other processes with in-memory storage: nothing is pruned")
+        args = (self.hydra_context, self.config, self.task_function, self.n_jobs, pool)
+        trials: dict[int, optuna.Trial] = {}
+        with JobProcesses(*args, self.devices_key) as jobs:
             try:
                 while True:
-                    while not broken and len(running) < self.n_jobs and self._todo(study) > 0:
+                    while jobs.can_start() and self._todo(study) > 0:
                         trial = self._ask(study)
-                        job = pool.submit(_run_in_worker, trial.number, self._job_overrides(trial))
-                        running[job] = trial
-                    if not running:
+                        trials[trial.number] = trial
+                        overrides = self._job_overrides(trial)
+                        devices = jobs.start(trial.number, trial.number, overrides)
+                        if devices:
+                            trial.set_user_attr("devices", ",".join(devices))
+                    if not jobs.running:
                         return
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for job in done:
-                        try:
-                            outcome = job.result()
-                        except BrokenProcessPool as err:
-                            broken = True
-                            outcome = Outcome(TrialState.FAIL, reason=f"worker process died: {err}")
-                        self._finish(study, running[job], outcome)
-                        del running[job]
+                    for number, result in jobs.wait():
+                        self._finish(study, trials.pop(number), outcome_of(result.get))
             except BaseException as err:
-                self._abandon(study, running.values(), err)
+                jobs.stop()
+                self._abandon(study, trials.values(), err)
                 raise
 
     # --- results -------------------------------------------------------------------------------

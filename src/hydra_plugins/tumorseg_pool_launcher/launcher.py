@@ -1,0 +1,126 @@
+"""The ``tumorseg_pool`` launcher: a plain multirun's jobs in parallel, each on its own devices.
+
+``python train.py -m model=unet,attention_unet,residual_unet hydra/launcher=tumorseg_pool``
+runs one job per device set of the pool at once (``devices: auto``, every visible GPU, one per
+job), each in a fresh process with ``CUDA_VISIBLE_DEVICES`` set to its devices and
+``++trainer.devices=<how many>``. Jobs whose trainer runs on the CPU get no pool; ``n_jobs``
+still runs them in parallel processes.
+"""
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.tumorseg_optuna_sweeper.pool import (
+    DevicePool,
+    JobFailed,
+    JobProcesses,
+    JobResult,
+    visible_devices,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PoolLauncherConf:
+    """``hydra.launcher`` of ``tumorseg_pool``."""
+
+    _target_: str = "hydra_plugins.tumorseg_pool_launcher.launcher.PoolLauncher"
+    n_jobs: Any = None  # jobs at once; null: one per device set of the pool, else 1
+    # auto: every visible GPU (no pool when trainer.accelerator is cpu); [0,1,2,3]; null: none
+    devices: Any = "auto"
+    devices_per_job: int = 1
+    devices_key: Any = "trainer.devices"  # each job gets ++<key>=devices_per_job; null: not
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="tumorseg_pool", node=PoolLauncherConf, provider="tumorseg"
+)
+
+
+class PoolLauncher(Launcher):
+    def __init__(
+        self,
+        n_jobs: int | None = None,
+        devices: Any = "auto",
+        devices_per_job: int = 1,
+        devices_key: str | None = "trainer.devices",
+    ) -> None:
+        self.n_jobs, self.devices_per_job, self.devices_key = n_jobs, devices_per_job, devices_key
+        if not isinstance(devices, (str, int, type(None))):
+            devices = OmegaConf.to_container(devices, resolve=True)
+        self.devices = devices
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def pool(self) -> DevicePool | None:
+        accelerator = str(OmegaConf.select(self.config, "trainer.accelerator", default="auto"))
+        if self.devices is None or (self.devices == "auto" and accelerator == "cpu"):
+            return None
+        devices = visible_devices(self.devices)
+        return DevicePool(devices, self.devices_per_job) if devices else None
+
+    def prepare_tracking(self) -> None:
+        """Create a local MLflow store before the jobs start: jobs creating a fresh SQLite
+        store at once race on its schema migrations."""
+        mlflow_cfg = OmegaConf.select(self.config, "logger.mlflow")
+        if not mlflow_cfg:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from tumorseg.sweep import tracking_target
+
+        uri, _ = tracking_target(OmegaConf.to_container(mlflow_cfg, resolve=True))
+        if uri.startswith("sqlite:"):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        pool = self.pool()
+        n_jobs = self.n_jobs or (pool.slots if pool else 1)
+        if pool is not None:
+            n_jobs = min(n_jobs, pool.slots)
+        where = f" on devices {pool.devices}, {pool.per_job} per job" if pool else ""
+        log.info(f"Launching {len(job_overrides)} jobs, {n_jobs} at a time{where}")
+        if n_jobs > 1:
+            self.prepare_tracking()
+        args = (self.hydra_context, self.config, self.task_function, n_jobs, pool)
+        pending = list(enumerate(job_overrides))
+        results: dict[int, JobResult] = {}
+        with JobProcesses(*args, self.devices_key) as jobs:
+            while pending or jobs.running:
+                while pending and jobs.can_start():
+                    idx, overrides = pending.pop(0)
+                    shown = " ".join(filter_overrides(overrides))
+                    log.info(f"\t#{initial_job_idx + idx} : {shown}")
+                    jobs.start(idx, initial_job_idx + idx, list(overrides))
+                for idx, result in jobs.wait():
+                    results[idx] = result
+        returns = []
+        for idx, overrides in enumerate(job_overrides):
+            result = results[idx]
+            ret = JobReturn(overrides=list(overrides))
+            if result.error_text:
+                ret.status = JobStatus.FAILED
+                ret._return_value = result.error or JobFailed(result.error_text)
+                log.error(f"job #{initial_job_idx + idx} failed: {result.error_text}")
+            else:
+                ret.status, ret._return_value = JobStatus.COMPLETED, result.value
+            returns.append(ret)
+        return returns
