@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import ndimage
@@ -106,6 +107,18 @@ def test_predict_on_raw_case_equals_test_stage_voxel_for_voxel(trained, demo_roo
         assert stage.shape == out.shape == (240, 240, 155)
         assert np.count_nonzero(out) > 0
         assert np.array_equal(stage, out)
+
+
+@pytest.mark.slow
+def test_test_stage_logs_lesion_wise_results(trained):
+    """The test stage's case table carries NSD and the lesion-wise columns, and the per-lesion
+    table is logged beside it."""
+    cases = pd.read_csv(next(trained["root"].glob("**/evaluation/test_cases.csv")))
+    assert {"nsd", "lesions_ref", "missed", "lesion_dice", "lesion_hd95"} <= set(cases.columns)
+    assert cases["lesions_ref"].gt(0).all()  # every demo test case has a tumour
+    lesions = pd.read_csv(next(trained["root"].glob("**/evaluation/test_cases_lesions.csv")))
+    assert set(lesions.case_id) == set(cases.case_id)
+    assert set(lesions.status) <= {"matched", "missed", "false"}
 
 
 @pytest.mark.slow

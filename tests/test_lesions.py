@@ -310,3 +310,18 @@ def test_evaluate_cli_refuses_a_negative_tolerance(tmp_path, capsys):
     assert code == 2 and not out.parent.exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--nsd-tolerance" in err
+
+
+def test_case_means_name_the_lesion_wise_metrics_for_mlflow():
+    from tumorseg.scoring import case_means, case_table, scored_rows
+
+    pred, ref, spacing = load("BraTS-GLI-00002-000")  # BraTS 2023 labels = canonical 1/2/3
+    for hd95, suffix in (("pooled", ""), ("max", "_max")):
+        rows, lesion_rows = scored_rows("c", pred, ref, spacing, hd95)
+        means = case_means(case_table(rows, hd95))
+        for name in ("lesion_dice", f"lesion_hd95{suffix}", f"hd95{suffix}", "nsd", "missed"):
+            assert f"test/{name}_wt" in means and f"test/{name}_mean" in means, name
+        assert means["test/missed_wt"] == 1 and means["test/lesion_dice_wt"] == pytest.approx(
+            CASES["BraTS-GLI-00002-000"]["regions"]["wt"]["lesion_dsc"]
+        )
+        assert {x["status"] for x in lesion_rows} == {"matched", "missed"}
