@@ -13,6 +13,10 @@ import logging
 import sys
 from collections.abc import Callable
 
+from tumorseg.progress import progress_bar
+
+__all__ = ["ArgError", "Parser", "checked", "count", "error", "progress_bar", "start"]
+
 
 class ArgError(Exception):
     """A bad command-line argument; the message is one line."""
@@ -65,26 +69,3 @@ def count(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def progress_bar(quiet: bool, transient: bool = True):
-    """A rich progress bar on stderr, or a disabled one when ``quiet``."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=transient,
-        disable=quiet,
-    )

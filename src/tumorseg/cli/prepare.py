@@ -17,6 +17,7 @@ from tumorseg.data.nifti import MODALITIES
 from tumorseg.data.prepare import check_options, prepare
 from tumorseg.data.store import DTYPES, is_complete
 from tumorseg.errors import DataError
+from tumorseg.labels import MASK_ORDER, check_mask_order
 
 PROG = "tumorseg-prepare"
 
@@ -34,6 +35,14 @@ def channel_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def mask_list(text: str) -> tuple[str, ...]:
+    """``"et,ed,ncr"`` -> a tuple naming each mask label once."""
+    try:
+        return check_mask_order(text.split(","), "--mask-order")
+    except DataError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Convert a BraTS data set into a packed slice store.")
     add = parser.add_argument
@@ -45,6 +54,7 @@ def build_parser() -> Parser:
     add("--workers", type=int, default=1, help="worker processes (default 1)")
     add("--skip-bad", action="store_true", help="leave out bad cases instead of failing")
     add("--channel-order", type=channel_list, default=MODALITIES, help="Kaggle image channels")
+    add("--mask-order", type=mask_list, default=MASK_ORDER, help="Kaggle mask channels (ncr,ed,et)")
     add("--force", action="store_true", help="rebuild a store that is already complete")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -80,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             args.skip_bad,
             progress=not args.quiet,
             channel_order=args.channel_order,
+            mask_order=args.mask_order,
             force=args.force,
         )
     except DataError as err:

@@ -59,6 +59,7 @@ from tumorseg.data.store import (
 )
 from tumorseg.errors import DataError
 from tumorseg.labels import MASK_ORDER
+from tumorseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CASES = "cases"  # per-case results inside DST.partial
@@ -216,25 +217,6 @@ def _finished(cases_dir: Path, refs: list) -> dict[str, dict]:
         if marker.is_file():
             done[ref.case_id] = read_json(marker)
     return done
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    return Progress(*columns, disable=not enabled)
 
 
 def _start_method() -> str:
@@ -425,7 +407,7 @@ def prepare(
         manifest = _packed(partial, options)
         if manifest is None:  # not interrupted between the manifest and the rename
             _start_partial(partial, options)
-            with _progress(progress) as bar:
+            with progress_bar(quiet=not progress, transient=False) as bar:
                 manifest = _build(refs, partial, options, workers, skip_bad, bar, listed_bad)
         _publish(partial, dst)
     seconds = time.perf_counter() - start
