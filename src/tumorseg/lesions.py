@@ -5,7 +5,8 @@ The official evaluator is the ``BraTS-evaluation`` package with its ``gli`` conf
 Nothing is computed on the whole volume: the case is cropped to the bounding box of its labels
 (plus a margin), each lesion's surface is found inside its own bounding box, and distances are
 measured between surface voxels with a k-d tree rather than with distance transforms of the
-volume (``crop=False`` does the latter; same numbers, about 10x slower).
+volume (``crop=False`` does the latter: the same numbers, 40-100x slower on a BraTS case;
+``python -m tumorseg.bench.scoring`` measures both).
 
 Per region (a set of label values, e.g. TC = NETC + ET):
 
