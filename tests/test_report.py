@@ -281,7 +281,8 @@ def test_missing_store_is_not_created(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["--experiment", "cmp"]) == 2
     line = error_line(capsys)
-    assert line == "tumorseg-report: error: MLflow store sqlite:///mlruns/mlflow.db does not exist"
+    store = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"  # the project root's default store
+    assert line == f"tumorseg-report: error: MLflow store {store} does not exist"
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
     assert main(["--experiment", "cmp"]) == 2
