@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tumorseg.config import CONF_DIR
@@ -27,8 +26,10 @@ def _is_rank_zero() -> bool:
 
 def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
     """For ``ckpt_path=...``: the run config stored in that checkpoint, and its MLflow run id."""
+    from tumorseg.module import read_checkpoint
+
     path = cfg.ckpt_path
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, "cpu")
     stored = ckpt.get("tumorseg_config")
     if not stored:
         raise DataError(f"{path}: checkpoint holds no tumorseg config")
@@ -49,22 +50,30 @@ def _sweep_tags() -> dict[str, str]:
 
 
 def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
-    """Predict the test cases volume by volume with the best checkpoint; log case-level scores."""
+    """Predict the test cases volume by volume with the best checkpoint, from the raw cases as
+    ``tumorseg-predict`` would (store volumes when ``data.root`` is a store); log the scores."""
     from itertools import islice
 
     from tumorseg.case_eval import test_stage
-    from tumorseg.predict import load_for_inference
+    from tumorseg.inference import load_for_inference
 
     ckpt = trainer.checkpoint_callback
     best_path = ckpt.best_model_path if ckpt is not None else ""
     module = load_for_inference(best_path, model.device) if best_path else model
-    overlays = islice(datamodule.iter_cases("val"), cfg.get("overlay_cases", 2))
+    test_cases, val_cases = datamodule.raw_cases("test"), datamodule.raw_cases("val")
+    normalised = test_cases is None
+    if normalised:
+        log.info("data.root is a store: the test stage predicts its (normalised) volumes")
+        test_cases, val_cases = datamodule.iter_cases("test"), datamodule.iter_cases("val")
+    overlays = islice(val_cases, cfg.get("overlay_cases", 2))
     means = test_stage(
         module,
-        datamodule.iter_cases("test"),
+        test_cases,
         overlays,
         logger,
         trainer.global_step,
+        normalised=normalised,
+        save_predictions=cfg.get("test_predictions", True),
         hd95=cfg.get("test_hd95", "pooled"),
     )
     log.info("test (case-level): %s", {k: round(v, 4) for k, v in means.items() if "dice" in k})
