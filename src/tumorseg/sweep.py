@@ -101,7 +101,8 @@ def open_storage(url: str | None, **kwargs: Any) -> optuna.storages.RDBStorage |
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True  # a server restart drops pooled connections
-    with database_lock(url, "schema"):
+    with database_lock(url, "schema"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat args
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
 
 

@@ -22,7 +22,6 @@ Hydra's plugin scan at every start stays cheap. No ``from __future__ import anno
 scan runs this module before it is in ``sys.modules``, where string annotations break dataclasses.
 """
 
-import inspect
 import logging
 import math
 import os
@@ -65,12 +64,6 @@ from hydra_plugins.tumorseg_optuna_sweeper.pool import (
 log = logging.getLogger(__name__)
 __all__ = ["OptunaSweeper", "OptunaSweeperConf"]
 TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
-# Optuna 4.9 renamed the stale-trial callback
-STALE_CALLBACK = (
-    "heartbeat_stale_trial_callback"
-    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
-    else "failed_trial_callback"
-)
 
 
 @dataclass
@@ -387,7 +380,6 @@ class OptunaSweeper(Sweeper):
                 beats = {
                     "heartbeat_interval": self.heartbeat_interval,
                     "grace_period": self.grace_period,
-                    STALE_CALLBACK: self._on_stale,
                 }
             storage = open_storage(self.storage, **beats)
         study = optuna.create_study(
@@ -423,22 +415,32 @@ class OptunaSweeper(Sweeper):
                 study._storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
                 study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
                 log.warning("trial %d: %s", t.number, reason)
-                self._on_stale(study, study._storage.get_trial(t._trial_id), reason)
+                self._on_stale(study, study._storage.get_trial(t._trial_id))
         if self.heartbeat_interval and self.storage:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)  # calls _on_stale for each
+            self._fail_by_heartbeat(study)
 
-    def _on_stale(self, study: optuna.Study, trial: FrozenTrial, reason: str = "") -> None:
-        """A trial failed because its worker died: record why, queue a retry with the same
-        params (up to ``max_retry``) and end its MLflow run FAILED."""
-        if not reason:
+    def _fail_by_heartbeat(self, study: optuna.Study) -> None:
+        """Optuna's ``fail_stale_trials``, with the reason recorded before the trial ends."""
+        storage = study._storage
+        grace = self.grace_period or 2 * self.heartbeat_interval
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            trial = storage.get_trial(trial_id)
             reason = (
                 f"stale: no heartbeat from its sweeper ({trial.user_attrs.get('worker', '?')}) "
-                f"for {self.grace_period or 2 * (self.heartbeat_interval or 0)} s"
+                f"for {grace} s"
             )
-            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            try:
+                storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+                if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker failed it first
             log.warning("trial %d: %s", trial.number, reason)
+            self._on_stale(study, storage.get_trial(trial_id))
+
+    def _on_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A trial failed because its worker died: queue a retry with the same params (up to
+        ``max_retry``) and end its MLflow run FAILED."""
         retries = int(trial.user_attrs.get("retries", 0))
         if self.max_retry and retries < self.max_retry:  # the same params, once more
             attrs = {"retry_of": trial.number, "retries": retries + 1}
@@ -492,7 +494,9 @@ class OptunaSweeper(Sweeper):
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         from tumorseg.sweep import LIVE_TRIALS
 
-        trial = study.ask(self.space)
+        with warnings.catch_warnings():  # heartbeats are ours here, not Study.optimize's
+            warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
+            trial = study.ask(self.space)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("sweep_dir", str(self.config.hydra.sweep.dir))
         if self.heartbeat is not None:
