@@ -1,0 +1,71 @@
+"""Hydra launchers for clusters: the Optuna sweeper hands trials to submitit in batches, each
+trial a separate submitit job (here ``submitit_local``: local processes, as SLURM would run
+them); pruning still works because jobs report through the storage."""
+
+import importlib.util
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import run_train
+from tumorseg.config import CONF_DIR
+
+needs_submitit = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None,
+    reason='the launcher plugins are an extra: pip install -e ".[cluster]"',
+)
+
+
+@needs_submitit
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "hparams_search=optuna",
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+            ],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.gpus_per_node == 1
+    assert {"cpus_per_task", "timeout_min", "mem_gb"} <= set(launcher)
+
+
+@needs_submitit
+@pytest.mark.slow
+def test_optuna_trials_as_submitit_jobs_are_pruned_through_the_storage(tmp_path, demo_root):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    res = run_train(
+        tmp_path,
+        "-m",
+        "hparams_search=optuna",
+        "debug=tiny",
+        "test=false",
+        f"data.root={demo_root}",
+        f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.sweeper.storage={url}",
+        "hydra/launcher=submitit_local",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",  # one batch of two jobs
+        "hydra/sweeper/pruner=threshold",
+        "hydra.sweeper.pruner.lower=1.5",  # no Dice reaches 1.5: pruned after epoch 0
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = optuna.load_study(study_name="tumorseg-unet", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    for t in trials:  # reported from the submitit job's process, through the storage
+        assert list(t.intermediate_values) == [0]
+    jobs = list((tmp_path / "outputs" / "multiruns").glob("*/.submitit/*/*_result.pkl"))
+    assert len(jobs) == 2  # two submitit jobs
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tumorseg")
+    runs = client.search_runs([exp.experiment_id], "tags.optuna_state = 'PRUNED'")
+    assert sorted(r.data.tags["optuna_trial"] for r in runs) == ["0", "1"]
+    assert all(r.info.status == "KILLED" for r in runs)
