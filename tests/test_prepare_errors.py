@@ -1,5 +1,6 @@
 """``tumorseg-prepare`` on bad input, one test per kind of problem the README lists: one line
-``error: <file>: <problem>`` naming the bad file (or folder), exit 2, and no store."""
+``tumorseg-prepare: error: <file>: <problem>`` naming the bad file (or folder), exit 2, and no
+store."""
 
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ def test_bad_input_is_one_line_exit_2_no_store(kind, sources, tmp_path, capsys):
     assert prep_cli.main(["--input", str(root), "--output", str(dst), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(f"error: {bad}: "), err[0]
+    assert err[0].startswith(f"tumorseg-prepare: error: {bad}: "), err[0]
     assert problem in err[0], err[0]
     assert "Traceback" not in err[0]
     assert not dst.exists()

@@ -205,7 +205,7 @@ def test_bad_input_is_one_line_and_leaves_no_store(sets, tmp_path, capsys):
     dst = tmp_path / "store"
     assert prep_cli.main(["--input", str(root), "--output", str(dst), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {t1}: cannot read NIfTI")
+    assert len(err) == 1 and err[0].startswith(f"tumorseg-prepare: error: {t1}: cannot read NIfTI")
     assert not dst.exists()
     # Kaggle: a slice file cut short
     kaggle = tmp_path / "kaggle"
@@ -214,12 +214,15 @@ def test_bad_input_is_one_line_and_leaves_no_store(sets, tmp_path, capsys):
     bad.write_bytes(bad.read_bytes()[:500])
     assert prep_cli.main(["--input", str(kaggle), "--output", str(tmp_path / "k"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {bad}: ")
+    assert len(err) == 1 and err[0].startswith(f"tumorseg-prepare: error: {bad}: ")
     assert not (tmp_path / "k").exists()
     # an empty folder
     (tmp_path / "empty").mkdir()
     assert prep_cli.main(["--input", str(tmp_path / "empty"), "--output", str(dst)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'empty'}: empty directory"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"tumorseg-prepare: error: {tmp_path / 'empty'}: empty directory"
+    )
 
 
 def test_skip_bad_lists_the_skipped_cases(sets, tmp_path, capsys):
@@ -419,7 +422,9 @@ def test_augment_keeps_shapes_labels_and_background():
 def test_augment_on_device_runs_after_transfer(sets, tmp_path):
     from types import SimpleNamespace
 
-    dm = module(sets["brats"], tmp_path, augment={"flip_x": 0.0, "flip_y": 1.0}, augment_on_device=True)
+    dm = module(
+        sets["brats"], tmp_path, augment={"flip_x": 0.0, "flip_y": 1.0}, augment_on_device=True
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert dm.datasets["train"].transform is None

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import MODALITIES
 from tumorseg.data.prepare import check_options, prepare
@@ -65,15 +66,19 @@ def _size(path: Path) -> str:
     return f"{total / 1e9:.2f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    try:
+        check_options(args.dtype, args.crop, args.workers)
+    except ValueError as err:
+        raise ArgError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit 0 done, 2 bad arguments or bad input, 1 cannot write."""
-    try:
-        args = build_parser().parse_args(argv)
-        check_options(args.dtype, args.crop, args.workers)
-    except (ArgError, ValueError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    if isinstance(args, int):
+        return args
+    logging.getLogger().setLevel(logging.ERROR)
     dst = args.output.absolute()
     if is_complete(dst) and not args.force:
         print(f"{dst}: slice store already complete (use --force to rebuild)")
@@ -94,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
         )
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
+        cli.error(PROG, str(err))
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except OSError as err:
-        print(f"error: {err.filename or dst}: {err.strerror or err}", file=sys.stderr)
+        cli.error(PROG, f"{err.filename or dst}: {err.strerror or err}")
         return 1
     for bad in manifest["skipped"]:
         print(f"skipped {bad['id']}: {bad['reason']}")
