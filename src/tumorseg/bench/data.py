@@ -28,7 +28,6 @@ import logging
 import mmap
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.data.store import IMAGES, LABELS, is_complete
+from tumorseg.outputs import write_atomically
 
 PROG = "tumorseg-bench-data"
 # --augment: the recipe of conf/data/brats.yaml
@@ -402,16 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = run(args, work)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
+        cli.error(PROG, str(err))
         return 2
     finally:
         if temporary and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print(text)
     if args.output:
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.output)
+        write_atomically([(args.output, lambda p: p.write_text(text))])
     return 0
 
 
