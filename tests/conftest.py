@@ -25,8 +25,23 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# One batch of each stage, nothing logged: what ``debug=default`` does, on top of ``debug=tiny``
+# (a second ``debug=`` choice would replace ``tiny`` rather than add to it).
+FAST_DEV_RUN = ("+trainer.fast_dev_run=true", "~logger", "callbacks.lr_monitor=null", "test=false")
+
+
+@pytest.fixture(scope="session")
+def easy_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four ``--difficulty easy`` demo cases: a clean signal for short learning tests."""
+    root = tmp_path_factory.mktemp("demo_easy")
+    write_demo(root, cases=4, seed=0, progress=False, difficulty="easy")
+    return root
+
+
 def compose_tiny(tmp_path: Path, demo_root: Path, overrides: list[str] = ()) -> DictConfig:
     """The train config shrunk by ``debug=tiny``, writing everything under ``tmp_path``."""
+    if any(o.lstrip("+~").startswith("debug=") for o in overrides):
+        raise ValueError("compose_tiny already chooses debug=tiny; another debug= replaces it")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "train",

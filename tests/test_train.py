@@ -3,25 +3,42 @@
 import pytest
 import torch
 
-from tests.conftest import compose_tiny
+from tests.conftest import FAST_DEV_RUN, compose_tiny
 from tumorseg.module import load_checkpoint
 from tumorseg.precision import auto_precision
 from tumorseg.train import run
 
 
+def assert_tiny(cfg, demo_root) -> None:
+    """The composed config is the tiny one, on the shared 4-case demo."""
+    assert cfg.data.demo_cases == 4 and cfg.data.image_size == 64
+    assert list(cfg.model.net.features) == [8, 16, 32]
+    assert cfg.data.root == str(demo_root)
+
+
 @pytest.mark.parametrize("variant", ["unet", "attention_unet", "residual_unet"])
 def test_fast_dev_run_each_variant(variant, tmp_path, demo_root):
-    cfg = compose_tiny(tmp_path, demo_root, [f"model={variant}", "debug=default"])
-    assert cfg.trainer.fast_dev_run and cfg.logger is None
+    cfg = compose_tiny(tmp_path, demo_root, [f"model={variant}", *FAST_DEV_RUN])
+    assert cfg.trainer.fast_dev_run and cfg.get("logger") is None
+    assert_tiny(cfg, demo_root)
     run(cfg)
+    assert sorted(p.name for p in demo_root.iterdir() if not p.name.startswith(".")) == [
+        f"BraTS20_Training_00{i}" for i in range(1, 5)
+    ]  # no cases added to the shared demo folder
 
 
 def test_labels_mode_and_fp32(tmp_path, demo_root):
     cfg = compose_tiny(
-        tmp_path, demo_root, ["model.target=labels", "trainer.precision=32-true", "debug=default"]
+        tmp_path, demo_root, ["model.target=labels", "trainer.precision=32-true", *FAST_DEV_RUN]
     )
     assert cfg.model.net.out_channels == 4
+    assert_tiny(cfg, demo_root)
     run(cfg)
+
+
+def test_compose_tiny_refuses_a_second_debug_choice(tmp_path, demo_root):
+    with pytest.raises(ValueError, match="debug=tiny"):
+        compose_tiny(tmp_path, demo_root, ["debug=default"])
 
 
 def test_checkpoint_rebuilds_net_from_file_alone(tmp_path, demo_root):
