@@ -80,6 +80,22 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
     return means
 
 
+def log_best_model(cfg: DictConfig, trainer, logger) -> None:
+    """The best checkpoint as the run's MLflow model ``model`` (``tumorseg.mlflow_model``),
+    registered as ``registered_model_name`` when that is set."""
+    from pathlib import Path
+
+    from tumorseg.registry import log_model
+
+    ckpt = trainer.checkpoint_callback
+    best = ckpt.best_model_path if ckpt is not None else ""
+    if not best or not Path(best).is_file():
+        return
+    name = cfg.get("registered_model_name")
+    info = log_model(best, logger.run_id, logger._tracking_uri, name)
+    log.info("MLflow model %s%s", info.model_uri, f", registered as {name}" if name else "")
+
+
 def run(cfg: DictConfig) -> float | None:
     """Train (and test) as ``cfg`` says; returns the best ``val/dice_mean``."""
     import lightning as L
@@ -131,6 +147,8 @@ def run(cfg: DictConfig) -> float | None:
         with ddp_job(config, cfg.paths.output_dir):  # DDP children run this job, nothing else
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    if logger is not None and trainer.is_global_zero and cfg.get("log_model", True):
+        log_best_model(cfg, trainer, logger)
     if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
         run_test_stage(cfg, trainer, model, datamodule, logger)
     if best is None:

@@ -37,15 +37,29 @@ without TTA next to a naive one-slice-at-a-time fp32 loop, and prints a Markdown
 
 Checkpoints are read as data: one holding other objects is refused unless
 ``--trust-checkpoint``.
+
+The model, one of:
+
+* ``--checkpoint CKPT``: a checkpoint file;
+* ``--run RUN_ID``: an MLflow run's best checkpoint (its ``checkpoints/`` artifacts);
+* ``--model URI``: an MLflow model, ``runs:/<run_id>/model``, ``models:/<name>@<alias>`` or
+  ``models:/<name>/<version>``; its checkpoint artifact is downloaded and read as data, the
+  model's Python source is never run (``tumorseg.mlflow_model``);
+* ``--onnx FILE``: a ``tumorseg-export`` ONNX file, run by onnxruntime (fp32) through the same
+  preprocessing replay, read from the file's metadata.
+
+``--run`` and ``--model`` are resolved in ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``,
+else the project's local store (``tumorseg.tracking.default_tracking_uri``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +246,10 @@ def build_parser() -> Parser:
     )
     add = parser.add_argument
     add("--checkpoint", type=Path, metavar="CKPT", help="trained .ckpt (stores its config)")
+    add("--run", metavar="RUN_ID", help="an MLflow run: its best checkpoint")
+    add("--model", metavar="URI", help="an MLflow model: runs:/<id>/model, models:/<name>@<alias>")
+    add("--onnx", type=Path, metavar="FILE", help="a tumorseg-export ONNX file (onnxruntime)")
+    add("--tracking-uri", metavar="URI", help="MLflow store for --run/--model (default: project)")
     add("--input", type=Path, metavar="PATH", help="case folder, MSD 4D image, or case folders")
     for mod in MODALITIES:
         add(f"--{mod}", type=Path, metavar="F", help=f"{mod} NIfTI file (the four, no --input)")
@@ -254,8 +272,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.benchmark:
         return
     explicit = [getattr(args, m) for m in MODALITIES]
-    if args.checkpoint is None:
-        raise ArgError("--checkpoint is required")
+    given = [f for f in ("checkpoint", "run", "model", "onnx") if getattr(args, f) is not None]
+    if len(given) != 1:
+        raise ArgError("give one of --checkpoint, --run, --model or --onnx")
     if args.output is None:
         raise ArgError("--output is required")
     if args.input is not None and any(explicit):
@@ -265,6 +284,25 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgError(
             "give --input, or all four modality files (missing " + " ".join(missing) + ")"
         )
+
+
+@contextlib.contextmanager
+def model_for(args: argparse.Namespace) -> Iterator[SegModule]:
+    """The module (or ONNX runner) the arguments name; downloads live until the block ends."""
+    if args.onnx is not None:
+        from tumorseg.export import OnnxRunner
+
+        yield OnnxRunner(args.onnx)
+    elif args.checkpoint is not None:
+        yield load_for_inference(args.checkpoint, args.device, args.trust_checkpoint)
+    else:
+        from tumorseg.registry import resolve_checkpoint, temp_dir
+        from tumorseg.tracking import default_tracking_uri
+
+        uri = args.tracking_uri or default_tracking_uri()
+        with temp_dir() as tmp:
+            ckpt = resolve_checkpoint(None, args.run, args.model, uri, Path(tmp))
+            yield load_for_inference(ckpt, args.device, args.trust_checkpoint)
 
 
 def error(message: str) -> None:
@@ -283,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             print(bench(args.checkpoint, args.device, args.repeats, args.batch_size))
             return 0
         jobs = plan(args)
-        module = load_for_inference(args.checkpoint, args.device, args.trust_checkpoint)
-        segment(args, jobs, module)
+        with model_for(args) as module:
+            segment(args, jobs, module)
     except DataError as err:
         error(str(err))
         return 2
