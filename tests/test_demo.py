@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from tumorseg.cli import demo as demo_cli
 from tumorseg.data import demo
 
 NAMES = ("flair", "t1", "t1ce", "t2", "seg")
@@ -96,12 +97,12 @@ def test_case_id() -> None:
 
 
 def test_cli_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert demo.main(["--output", str(tmp_path), "--cases", "0"]) == 2
+    assert demo_cli.main(["--output", str(tmp_path), "--cases", "0"]) == 2
     err = capsys.readouterr().err
     assert "0" in err and len(err.strip().splitlines()) == 1
     afile = tmp_path / "file.txt"
     afile.write_text("x")
-    assert demo.main(["--output", str(afile), "--cases", "1"]) == 2
+    assert demo_cli.main(["--output", str(afile), "--cases", "1"]) == 2
     assert str(afile) in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]  # nothing written
 
@@ -150,7 +151,7 @@ def test_difficulty_marker_refuses_to_mix(tmp_path: Path, capsys: pytest.Capture
     demo.write_demo(tmp_path, cases=1, seed=0, progress=False, difficulty="easy")
     with pytest.raises(demo.DemoError, match="difficulty easy"):
         demo.write_demo(tmp_path, cases=1, seed=0, progress=False)
-    assert demo.main(["--output", str(tmp_path), "--cases", "1", "--seed", "2", "--quiet"]) == 2
+    assert demo_cli.main(["--output", str(tmp_path), "--cases", "1", "--seed", "2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path) in err[0] and "seed 0" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [demo.MARKER, "BraTS20_Training_001"]

@@ -23,13 +23,11 @@ four contrasts are built from tissue fractions. Case ``i`` of seed ``s`` only de
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from tumorseg.errors import DataError
+from tumorseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +614,7 @@ def make_case(
     return images, seg
 
 
-def _complete(folder: Path) -> bool:
+def case_complete(folder: Path) -> bool:
     return all((folder / f"{folder.name}_{name}.nii.gz").is_file() for name in FILES)
 
 
@@ -653,7 +652,7 @@ def _check_marker(output: Path, seed: int, difficulty: str) -> None:
                 f"{have['difficulty']}; asked for seed {seed}, difficulty {difficulty} "
                 "(use another folder)"
             )
-    elif any(_complete(f) for f in output.glob("BraTS20_Training_*")):
+    elif any(case_complete(f) for f in output.glob("BraTS20_Training_*")):
         raise DemoError(
             f"{output}: holds demo cases of an earlier generator (no {MARKER}); "
             "delete them or use another folder"
@@ -676,26 +675,19 @@ def write_demo(
     The folder records its seed and difficulty in a hidden ``.tumorseg-demo.json``; asking
     for other ones there raises ``DemoError`` rather than mixing two data sets.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     if difficulty not in DIFFICULTIES:
         raise DemoError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     _check_marker(output, seed, difficulty)
     folders = []
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-    )
-    missing = [i for i in range(1, cases + 1) if not _complete(output / case_id(i))]
-    with Progress(*columns, disable=not progress or not missing) as bar:  # no bar: no work
+    missing = [i for i in range(1, cases + 1) if not case_complete(output / case_id(i))]
+    quiet = not progress or not missing  # no bar when there is no work
+    with progress_bar(quiet=quiet, transient=False) as bar:
         task = bar.add_task(f"Synthesising BraTS demo cases ({difficulty})", total=cases)
         for index in range(1, cases + 1):
             folder = output / case_id(index)
-            if _complete(folder):
+            if case_complete(folder):
                 log.debug("keeping %s", folder)
             else:
                 start = time.perf_counter()
@@ -704,60 +696,3 @@ def write_demo(
             folders.append(folder)
             bar.advance(task)
     return folders
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Command line: ``tumorseg-demo --output DIR --cases N --seed S``."""
-    parser = argparse.ArgumentParser(
-        prog="tumorseg-demo", description="Write a synthetic BraTS 2020-style demo data set."
-    )
-    parser.add_argument("--output", required=True, type=Path, help="folder for the case folders")
-    parser.add_argument("--cases", type=int, default=20, help="number of cases (default 20)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--difficulty",
-        choices=DIFFICULTIES,
-        default="brats",
-        help="brats: realistic gliomas, look-alikes, scanner differences (default); "
-        "easy: bright uniform lesions with clean borders",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed the problem
-        return int(exc.code or 0)
-
-    error = None
-    if args.cases < 1:
-        error = f"--cases must be at least 1, got {args.cases}"
-    elif args.seed < 0:
-        error = f"--seed must be non-negative, got {args.seed}"
-    elif args.output.exists() and not args.output.is_dir():
-        error = f"--output {args.output} exists and is not a folder"
-    if error:
-        print(f"tumorseg-demo: error: {error}", file=sys.stderr)
-        return 2
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    start = time.perf_counter()
-    done = sum(_complete(args.output / case_id(i)) for i in range(1, args.cases + 1))
-    try:
-        folders = write_demo(
-            args.output, args.cases, args.seed, not args.quiet, difficulty=args.difficulty
-        )
-    except DemoError as err:
-        print(f"tumorseg-demo: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"tumorseg-demo: error: cannot write to {args.output}: {err}", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - start
-    print(
-        f"{len(folders)} BraTS demo cases in {args.output} "
-        f"({len(folders) - done} written, {done} kept, {seconds:.1f} s)"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
