@@ -6,7 +6,8 @@ import pytest
 
 from tests import fixtures as fx
 from tumorseg.data.datamodule import BratsDataModule, split_cases
-from tumorseg.data.nifti import DataError, read_case, zscore
+from tumorseg.data.nifti import DataError, read_case
+from tumorseg.data.preprocess import zscore
 from tumorseg.data.store import is_complete
 
 
