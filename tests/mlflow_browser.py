@@ -45,6 +45,7 @@ for (const row of document.querySelectorAll('.ag-row[row-id]')) {
 return rows;
 """
 NAME_COL, DATASET_COL = "attributes.`Run Name`", "attributes.`Dataset`"
+MODELS_COL = "attributes.`Models`"
 
 
 def metric_col(key: str) -> str:

@@ -242,6 +242,7 @@ def test_runs_table_and_compare_view_in_chromium(trained, ui, browser):
         ]
         dataset = row[mlflow_browser.DATASET_COL]
         assert f"demo ({training[0]})" in dataset and "Training" in dataset
+        assert row[mlflow_browser.MODELS_COL].strip() not in ("", "-")  # its logged model
     mlflow_browser.save(browser, SHOTS / "runs_table.png")
 
     # the compare view of the three runs, from the table's selection
