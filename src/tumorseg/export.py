@@ -49,6 +49,16 @@ KEYS = ("tumorseg_preprocessing", "tumorseg_target", "tumorseg_input", "tumorseg
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| of fp32 probabilities the tests accept
 
 
+def needs(package: str) -> Any:
+    """``package`` imported, or a DataError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise DataError(f"ONNX needs {package}: pip install 'tumorseg[export]'") from None
+
+
 def metadata(module: SegModule, checkpoint: str | Path | None = None) -> dict[str, str]:
     """What a prediction needs besides the graph, as JSON strings."""
     pre = module.preprocessing
@@ -95,7 +105,8 @@ def export_net(module: SegModule) -> torch.nn.Module:
 
 def export_onnx(module: SegModule, output: Path, checkpoint: str | Path | None = None) -> None:
     """Write the net as ONNX (dynamo exporter, free batch and slice sizes) with metadata."""
-    import onnx
+    onnx = needs("onnx")
+    needs("onnxscript")
 
     net = export_net(module)
     h, w = train_size(module.preprocessing, size_step(module))
@@ -127,15 +138,20 @@ def export_onnx(module: SegModule, output: Path, checkpoint: str | Path | None =
 def export_torchscript(
     module: SegModule, output: Path, checkpoint: str | Path | None = None
 ) -> None:
-    """Write the net as TorchScript (scripted) with the metadata as ``_extra_files``."""
+    """Write the net as TorchScript (scripted, else traced: batch and slice size stay free, as
+    the nets have no size-dependent branches) with the metadata as ``_extra_files``."""
     net = export_net(module)
-    try:
-        scripted = torch.jit.script(net)
-    except Exception as err:  # TorchScript cannot compile every net: trace it instead
-        log.info("scripting failed (%s); tracing", first_line(err))
-        h, w = train_size(module.preprocessing, size_step(module))
-        scripted = torch.jit.trace(net, torch.zeros(2, len(MODALITIES), h, w))
-    torch.jit.save(scripted, str(output), _extra_files=metadata(module, checkpoint))
+    with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated
+        warnings.simplefilter("ignore")
+        try:
+            scripted = torch.jit.script(net)
+        except Exception as err:  # TorchScript cannot compile every net: trace it instead
+            log.info(
+                "scripting failed (%s); tracing (the input size check is dropped)", first_line(err)
+            )
+            h, w = train_size(module.preprocessing, size_step(module))
+            scripted = torch.jit.trace(net, torch.zeros(2, len(MODALITIES), h, w))
+        torch.jit.save(scripted, str(output), _extra_files=metadata(module, checkpoint))
 
 
 def export(module: SegModule, fmt: str, output: Path, checkpoint: str | Path | None = None) -> None:
@@ -183,7 +199,7 @@ class OnnxRunner:
     device = torch.device("cpu")
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        ort = needs("onnxruntime")
 
         path = Path(path)
         if not path.is_file():
