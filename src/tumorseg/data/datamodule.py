@@ -207,6 +207,20 @@ def _augment(augment: Any, flip: bool) -> Augment | None:
     return Augment(**fields)
 
 
+def _eval_sampler(ds: Dataset) -> Sampler[int] | None:
+    """Under DDP, each slice on exactly one rank. Lightning's default ``DistributedSampler``
+    pads the last batch by repeating up to ``world_size - 1`` slices, which pooled metrics
+    would count twice; this sampler gives ranks unequal shares instead (fine for evaluation,
+    where ranks do not wait for each other's gradients)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    return UnrepeatedDistributedSampler(ds, shuffle=False)
+
+
 # ---------------------------------------------------------------- the DataModule
 
 
@@ -506,7 +520,7 @@ class BratsDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=h.batch_size,
-            sampler=self._sampler() if train else None,
+            sampler=self._sampler() if train else _eval_sampler(ds),
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
             collate_fn=keep_batch,
