@@ -35,7 +35,7 @@ CHECKPOINT = "checkpoint"  # the model artifact holding the weights (as in tumor
 
 
 # MLflow suggests type hints on ``predict``; the logged signature is this model's schema.
-warnings.filterwarnings("ignore", "Add type hints to the `predict` method", UserWarning)
+warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
 
 
 class TumorsegModel(mlflow.pyfunc.PythonModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -29,6 +30,8 @@ MODEL_NAME = "model"  # artifact name of the logged model: runs:/<run_id>/model
 CHECKPOINT = "checkpoint"  # the model artifact holding the weights
 CHECKPOINTS_DIR = "checkpoints"  # a training run's checkpoint artifacts
 EXAMPLE_SHAPE = (4, 8, 8, 4)  # input example: small, so that logging stays quick
+# MLflow's advice to type-hint ``predict``; the logged signature is the model's schema
+TYPE_HINT_ADVICE = ".*Add type hints to the `predict` method"
 
 
 # ---------------------------------------------------------------- logging a model
@@ -57,8 +60,8 @@ def signature() -> Any:
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (4, -1, -1, -1), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "labels")]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (4, -1, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
         params=ParamSchema(
             [ParamSpec("tta", "boolean", False), ParamSpec("min_et_voxels", "long", 0)]
         ),
@@ -73,7 +76,8 @@ def log_model(
 ) -> Any:
     """Log ``checkpoint`` as the MLflow model ``model`` of run ``run_id`` (and register it as
     ``registered_model_name``); returns MLflow's ``ModelInfo``."""
-    with using(tracking_uri), mlflow.start_run(run_id=run_id):
+    with using(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", TYPE_HINT_ADVICE, UserWarning)
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(MODEL_FILE),
@@ -88,15 +92,29 @@ def log_model(
 
 @contextmanager
 def using(tracking_uri: str) -> Iterator[None]:
-    """MLflow's fluent API pointed at ``tracking_uri`` (and its registry) inside the block."""
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    """MLflow's fluent API pointed at ``tracking_uri`` (and its registry) inside the block.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``; both the fluent state and
+    the environment are put back afterwards, so later tools in the process still find their
+    own default store.
+    """
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = tracking_state._tracking_uri, registry_state._registry_uri
+    env = {key: os.environ.get(key) for key in keys}
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        tracking_state._tracking_uri, registry_state._registry_uri = saved
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # ---------------------------------------------------------------- the registry

@@ -1,0 +1,203 @@
+"""Models in MLflow: a training run logs its best checkpoint as an MLflow model and registers
+it; tumorseg-predict finds the checkpoint again from ``--run``, ``runs:/`` and ``models:/``
+URIs without running code from the store; a study's best trial becomes ``@champion``.
+
+One tiny run is trained into a real local store (SQLite + artifact folder) and shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import compose_tiny
+from tumorseg.cli.predict import main as predict_main
+from tumorseg.cli.register import main as register_main
+from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.data.readers import BRATS_AFFINE, list_cases
+from tumorseg.inference import load_for_inference, predict_case
+from tumorseg.registry import using
+from tumorseg.train import run
+
+NAME = "tumorseg-test"
+pytestmark = pytest.mark.filterwarnings("ignore:.*Add type hints to the `predict` method")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> dict:
+    """A one-epoch run in a local store, its model registered as ``tumorseg-test``."""
+    tmp = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"  # the local store of paths.root_dir
+    cfg = compose_tiny(
+        tmp,
+        demo_root,
+        [
+            "trainer.max_epochs=1",
+            "test=false",
+            "overlay_cases=0",
+            "callbacks.system_metrics=null",
+            f"registered_model_name={NAME}",
+        ],
+    )
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", "")  # undone after the run, which also exports it
+        env.delenv("MLFLOW_TRACKING_URI")
+        run(cfg)
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    ckpt = next((tmp / "out" / "checkpoints").glob("epoch_*.ckpt"))
+    return {"uri": uri, "run_id": found.info.run_id, "ckpt": ckpt, "root": tmp}
+
+
+@pytest.fixture(scope="module")
+def small_case(trained: dict, demo_root: Path) -> Path:
+    """A demo case cut to 40 of its slices (quick to predict; whole slices, so that the slice
+    filter keeps the brain ones)."""
+    case = list_cases(demo_root, labelled=False)[0].load()
+    folder = trained["root"] / "case" / "small"
+    folder.mkdir(parents=True)
+    image = case.image[..., 55:95]
+    affine = case.affine.copy()
+    affine[:3, 3] = case.affine[:3, :3] @ np.array([0, 0, 55]) + case.affine[:3, 3]
+    for k, mod in enumerate(MODALITIES):
+        nib.save(nib.Nifti1Image(image[k], affine), folder / f"small_{mod}.nii.gz")
+    return folder
+
+
+def predict(args: list[str], case: Path, out: Path, uri: str) -> int:
+    return predict_main(
+        [*args, "--input", str(case), "--output", str(out), "--tracking-uri", uri, "--quiet"]
+    )
+
+
+def labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def model_folder(trained: dict) -> Path:
+    """The logged model's folder in the store's artifact location."""
+    (spec,) = trained["root"].glob("mlartifacts/**/MLmodel")
+    return spec.parent
+
+
+def test_best_checkpoint_is_logged_as_a_model_from_code(trained):
+    """The model has a signature, a small input example and pinned requirements, and is the
+    project's source file plus the checkpoint: nothing pickled."""
+    folder = model_folder(trained)
+    spec = yaml.safe_load((folder / "MLmodel").read_text())
+    flavor = spec["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("mlflow_model.py")
+    assert "python_model" not in flavor and not list(folder.glob("**/*.pkl"))
+    ckpt = folder / flavor["artifacts"]["checkpoint"]["path"]
+    assert ckpt.read_bytes() == trained["ckpt"].read_bytes()
+    inputs = yaml.safe_load(spec["signature"]["inputs"])
+    assert inputs[0]["tensor-spec"] == {"dtype": "float32", "shape": [4, -1, -1, -1]}
+    assert spec["saved_input_example_info"]["type"] == "ndarray"
+    requirements = (folder / "requirements.txt").read_text().split()
+    assert "torch==" + __import__("torch").__version__ in requirements
+    assert all("==" in line for line in requirements), requirements
+    with using(trained["uri"]):
+        run = mlflow.get_run(trained["run_id"])
+        assert run.outputs.model_outputs, "the run lists no model (Models column empty)"
+        version = MlflowClient().get_registered_model(NAME).latest_versions[0]
+    assert version.run_id == trained["run_id"]
+
+
+def test_pyfunc_predicts_through_the_project_inference(trained, small_case):
+    """mlflow.pyfunc's predict on a (4, X, Y, Z) volume in BraTS layout equals predict_case on
+    the same volume with the BraTS affine, labels and all."""
+    case = list_cases(small_case.parent, labelled=False)[0].load()
+    with using(trained["uri"]):
+        model = mlflow.pyfunc.load_model(f"runs:/{trained['run_id']}/model")
+        got = model.predict(case.image)
+    module = load_for_inference(trained["ckpt"], "cpu")
+    want = predict_case(module, Case("x", case.image, None, BRATS_AFFINE))
+    assert got.dtype == np.uint8 and got.shape == case.image.shape[1:]
+    assert len(np.unique(want)) > 1, "the net predicts one label only: nothing to compare"
+    assert np.array_equal(got, want)
+
+
+def test_predict_from_run_and_model_uris_equals_the_checkpoint(trained, small_case, tmp_path):
+    uri, run_id = trained["uri"], trained["run_id"]
+    assert (
+        predict(["--checkpoint", str(trained["ckpt"])], small_case, tmp_path / "c.nii.gz", uri) == 0
+    )
+    want = labels(tmp_path / "c.nii.gz")
+    assert len(np.unique(want)) > 1, "the net predicts one label only: nothing to compare"
+    MlflowClient(uri).set_registered_model_alias(NAME, "champion", "1")
+    for i, args in enumerate(
+        (
+            ["--run", run_id],
+            ["--model", f"runs:/{run_id}/model"],
+            ["--model", f"models:/{NAME}/1"],
+            ["--model", f"models:/{NAME}@champion"],
+        )
+    ):
+        out = tmp_path / f"{i}.nii.gz"
+        assert predict(args, small_case, out, uri) == 0, args
+        assert np.array_equal(labels(out), want), args
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--run", "0123456789abcdef0123456789abcdef"], "no such run"),
+        (["--model", "runs:/0123456789abcdef0123456789abcdef/model"], "cannot be resolved"),
+        (["--model", f"models:/{NAME}@nobody"], "cannot be resolved"),
+        (["--model", "models:/no-such-model/1"], "cannot be resolved"),
+        (["--model", "/tmp/model"], "expected runs:/"),
+    ],
+)
+def test_bad_run_or_model_uri_is_one_line_and_writes_nothing(
+    trained, small_case, tmp_path, capsys, args, message
+):
+    out = tmp_path / "seg.nii.gz"
+    assert predict(args, small_case, out, trained["uri"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tumorseg-predict: error: ") and message in err[0]
+    assert not out.exists()
+
+
+def test_model_uri_runs_no_code_from_the_store(trained, small_case, tmp_path):
+    """The model's stored source is replaced by code that leaves a mark when run: predicting
+    from the model URI must not run it (MLflow's own pyfunc loading does)."""
+    mark = tmp_path / "ran"
+    source = model_folder(trained) / "mlflow_model.py"
+    original = source.read_text()
+    source.write_text(original + f"\nimport pathlib\npathlib.Path({str(mark)!r}).touch()\n")
+    try:
+        out = tmp_path / "seg.nii.gz"
+        uri = f"runs:/{trained['run_id']}/model"
+        assert predict(["--model", uri], small_case, out, trained["uri"]) == 0
+        assert not mark.exists(), "tumorseg-predict --model ran the model's stored source"
+        with using(trained["uri"]):
+            mlflow.pyfunc.load_model(uri)
+        assert mark.exists(), "the planted source did not run under MLflow's own loading"
+    finally:
+        source.write_text(original)
+
+
+def test_study_best_trial_is_registered_as_champion(trained, capsys):
+    """A study's parent run names its best trial (as the sweeper writes it); tumorseg-register
+    --study registers that trial's run, not another trial of the study."""
+    uri, run_id = trained["uri"], trained["run_id"]
+    client = MlflowClient(uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    parent = client.create_run(experiment, tags={"optuna_parent": "true", "best_trial": "1"})
+    pid = parent.info.run_id
+    other = client.create_run(experiment, tags={"optuna_trial": "0", "mlflow.parentRunId": pid})
+    client.set_terminated(other.info.run_id)
+    client.set_tag(run_id, "optuna_trial", "1")
+    client.set_tag(run_id, "mlflow.parentRunId", pid)
+    assert register_main(["--study", pid, "--name", "study-best", "--tracking-uri", uri]) == 0
+    assert "models:/study-best@champion" in capsys.readouterr().out
+    champion = client.get_model_version_by_alias("study-best", "champion")
+    assert champion.run_id == run_id
+    assert register_main(["--study", run_id, "--name", "x", "--tracking-uri", uri]) == 2
+    assert "no best_trial" in capsys.readouterr().err
