@@ -1,0 +1,78 @@
+"""Table and learning curves of the demo calibration runs, read from MLflow.
+
+    python experiments/demo_calibration/plot.py [--tracking-uri URI] [--output DIR]
+
+Reads the runs of the MLflow experiment ``demo_calibration`` (with their status) and writes
+``results.md`` (case-level test Dice, best pooled validation Dice, epochs) and
+``learning_curves.png`` (pooled validation Dice per epoch, per region, one line per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from tumorseg.tracking import default_tracking_uri  # noqa: E402
+
+REGIONS = ("wt", "tc", "et", "mean")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--experiment", default="demo_calibration")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent)
+    args = parser.parse_args()
+    client = MlflowClient(tracking_uri=args.tracking_uri or default_tracking_uri())
+    exp = client.get_experiment_by_name(args.experiment)
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time"])
+    rows, curves = [], {}
+    for run in runs:
+        epochs = int(run.data.params["trainer.max_epochs"])
+        run_id = run.info.run_id
+        hist = {}
+        for r in REGIONS:
+            history = client.get_metric_history(run_id, f"val/dice_{r}")
+            hist[r] = sorted(history, key=lambda m: m.step)
+        if not hist["mean"]:  # killed before its first validation
+            continue
+        curves[f"{epochs} epochs"] = hist
+        m = run.data.metrics
+        test = [m.get(f"test/dice_{r}", float("nan")) for r in ("wt", "tc", "et")]
+        best = max(hist["mean"], key=lambda x: x.value)
+        rows.append(
+            f"| {epochs} | {test[0]:.3f} | {test[1]:.3f} | {test[2]:.3f} | {sum(test) / 3:.3f} "
+            f"| {best.value:.3f} | {len(hist['mean'])} | {run.info.status} | `{run.info.run_id}` |"
+        )
+    table = [
+        "| max epochs | test WT | test TC | test ET | test mean | best val mean (pooled) "
+        "| epochs logged | status | run |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        *rows,
+    ]
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=True)
+    for ax, region in zip(axes, REGIONS, strict=True):
+        for name, hist in curves.items():
+            values = [m.value for m in hist[region]]
+            ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
+        ax.set_title(f"val/dice_{region} (pooled)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Dice")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(args.output / "learning_curves.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
