@@ -26,7 +26,6 @@ from tumorseg.registry import using
 from tumorseg.train import run
 
 NAME = "tumorseg-test"
-pytestmark = pytest.mark.filterwarnings("ignore:.*Add type hints to the `predict` method")
 
 
 @pytest.fixture(scope="module")

@@ -26,20 +26,16 @@ the arrays of BraTS NIfTI files); the output is canonical labels ``(X, Y, Z)`` u
 
 from __future__ import annotations
 
-import warnings
-
 import mlflow
 import numpy as np
 
 CHECKPOINT = "checkpoint"  # the model artifact holding the weights (as in tumorseg.registry)
 
 
-# MLflow suggests type hints on ``predict``; the logged signature is this model's schema.
-warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
-
-
 class TumorsegModel(mlflow.pyfunc.PythonModel):
     """Segments a 4-channel volume with the checkpoint artifact ``checkpoint``."""
+
+    _skip_type_hint_validation = True  # the logged signature is the schema, not type hints
 
     def load_context(self, context) -> None:
         from tumorseg.inference import load_for_inference

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -30,8 +29,6 @@ MODEL_NAME = "model"  # artifact name of the logged model: runs:/<run_id>/model
 CHECKPOINT = "checkpoint"  # the model artifact holding the weights
 CHECKPOINTS_DIR = "checkpoints"  # a training run's checkpoint artifacts
 EXAMPLE_SHAPE = (4, 8, 8, 4)  # input example: small, so that logging stays quick
-# MLflow's advice to type-hint ``predict``; the logged signature is the model's schema
-TYPE_HINT_ADVICE = ".*Add type hints to the `predict` method"
 
 
 # ---------------------------------------------------------------- logging a model
@@ -76,8 +73,8 @@ def log_model(
 ) -> Any:
     """Log ``checkpoint`` as the MLflow model ``model`` of run ``run_id`` (and register it as
     ``registered_model_name``); returns MLflow's ``ModelInfo``."""
-    with using(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", TYPE_HINT_ADVICE, UserWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with using(tracking_uri), mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(MODEL_FILE),
