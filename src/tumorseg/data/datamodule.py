@@ -184,6 +184,15 @@ class ForegroundSampler(Sampler[int]):
         return iter(rng.permutation(picks).tolist())
 
 
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (as Hydra passes them) as plain dicts and lists."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def _skip_mode(value: Any) -> str:
     if value is True:
         return "brain"
@@ -286,6 +295,9 @@ class BratsDataModule(L.LightningDataModule):
         flip: bool = True,
     ) -> None:
         super().__init__()
+        # plain types only: the hyper-parameters go into checkpoints, which are read as data
+        channel_order, mask_order = tuple(channel_order), tuple(mask_order)
+        augment = _plain(augment)
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self.skip_empty = _skip_mode(skip_empty)
