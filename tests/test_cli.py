@@ -1,16 +1,12 @@
-"""`python train.py` as a user runs it: multirun, CPU DDP, kill and resume, read from MLflow."""
+"""`python train.py` as a user runs it: multirun, CPU DDP, read from MLflow (kill and resume:
+test_resume.py)."""
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, run_train
+from tests.conftest import run_train
 
 pytestmark = pytest.mark.slow
 
