@@ -344,12 +344,12 @@ class BratsDataModule(L.LightningDataModule):
         parent = Path(self.hparams.cache_root) if self.hparams.cache_root else None
         return (parent or self.root.parent / "cache") / f"{self.root.name}-{digest}"
 
-    def _stale(self, path: Path) -> bool:
-        """True when the raw source's cases differ from those the store was made from."""
+    def _source_cases(self) -> list:
+        """The labelled cases of the raw ``root``, listed as ``prepare`` lists them."""
         from tumorseg.data import readers
 
         h = self.hparams
-        refs = readers.list_cases(
+        return readers.list_cases(
             self.root,
             h.format,
             True,
@@ -358,6 +358,10 @@ class BratsDataModule(L.LightningDataModule):
             convention=h.convention,
             mask_order=tuple(h.mask_order),
         )
+
+    def _stale(self, path: Path) -> bool:
+        """True when the raw source's cases differ from those the store was made from."""
+        refs = self._source_cases()
         manifest = read_json(path / MANIFEST)
         ids = {r.case_id for r in refs}
         skipped = {s["id"] for s in manifest["skipped"]} & ids
@@ -578,18 +582,7 @@ class BratsDataModule(L.LightningDataModule):
         a store (its source may be gone)."""
         if is_complete(self.root):
             return None
-        from tumorseg.data import readers
-
-        h = self.hparams
-        refs = readers.list_cases(
-            self.root,
-            h.format,
-            True,
-            tuple(h.channel_order),
-            skip_bad=h.skip_bad,
-            convention=h.convention,
-            mask_order=tuple(h.mask_order),
-        )
+        refs = self._source_cases()
         by_id = {r.case_id: r for r in refs}
         wanted = [by_id[c] for c in self.split()[split] if c in by_id]
         return (ref.load() for ref in wanted)
