@@ -15,6 +15,31 @@ from tumorseg.config import CONF_DIR
 from tumorseg.data.demo import write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+# Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which exports MLFLOW_TRACKING_URI into
+# the process: a test that trains in-process would send every later test's runs (and those of
+# the subprocesses they start) to its store. Each test starts and ends with the value the
+# session started with.
+_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _reset_tracking_uri() -> None:
+    if _TRACKING_URI is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = _TRACKING_URI
+    try:
+        from mlflow.tracking._tracking_service import utils
+    except ImportError:
+        return
+    if hasattr(utils, "_tracking_uri"):
+        utils._tracking_uri = None
+
+
+@pytest.fixture(autouse=True)
+def _session_tracking_uri():
+    _reset_tracking_uri()
+    yield
+    _reset_tracking_uri()
 
 
 @pytest.fixture(scope="session")

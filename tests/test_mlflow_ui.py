@@ -114,7 +114,7 @@ def trained(tmp_path_factory, demo_root) -> tuple[Path, subprocess.CompletedProc
         f"model={','.join(VARIANTS)}",
         "debug=tiny",
         f"data.root={demo_root}",
-        "callbacks.system_metrics.sampling_interval=1",
+        "callbacks.system_metrics.sampling_interval=0.2",
         timeout=1200,  # three jobs; a busy 2-core machine is slow
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -62,6 +62,26 @@ def preview_figure(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, names
     return fig
 
 
+def log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
+    """``client.log_inputs``, tried again when parallel jobs register the same data set in the
+    same experiment at the same moment (the store's unique constraint refuses the second
+    insert; on the next try the data set exists and is reused)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as err:
+            if "UNIQUE constraint" not in str(err) and "duplicate key" not in str(err):
+                raise
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 class MlflowArtifacts(L.Callback):
     """Logs the run's params, config YAML, data manifest and data set inputs (training, validation,
     test) at fit start; the best checkpoint and a PNG of fixed validation slices (FLAIR, ground
@@ -82,7 +102,7 @@ class MlflowArtifacts(L.Callback):
         manifest = getattr(trainer.datamodule, "manifest", None)
         if manifest is not None:
             client.log_dict(run_id, manifest(), "data_manifest.json")
-            client.log_inputs(run_id, datasets=dataset_inputs(manifest()))
+            log_inputs(client, run_id, dataset_inputs(manifest()))
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
