@@ -182,7 +182,9 @@ def test_two_workers_share_postgres_and_mlflow_server(services, demo_root, tmp_p
     storage = optuna.storages.RDBStorage(services.checker)
     study = optuna.load_study(study_name="tumorseg-unet", storage=storage)
     trials = study.trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * n
+    states = [t.state for t in trials]
+    # two workers may each start a trial while the study is one short of n (seen once: n + 1)
+    assert set(states) == {TrialState.COMPLETE} and n <= len(states) <= n + len(workers) - 1
     by_machine = {Path(t.user_attrs["sweep_dir"]).parts[-4] for t in trials}
     assert by_machine == {"machine0", "machine1"}  # each worker ran at least one trial
 
