@@ -90,11 +90,15 @@ def open_page(browser, url: str) -> None:
 
 def wait_for(browser, condition: Callable[[Any], Any], what: str, timeout: float = PAGE_S):
     """``condition(browser)`` once truthy; TimeoutError naming ``what`` otherwise."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # the page re-renders while it loads: an element found a moment ago may be gone; ask again
+    wait = WebDriverWait(
+        browser, timeout, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,)
+    )
     try:
-        return WebDriverWait(browser, timeout, poll_frequency=0.5).until(condition)
+        return wait.until(condition)
     except TimeoutException:
         raise TimeoutError(f"{what} not shown after {timeout:.0f} s") from None
 
@@ -151,8 +155,12 @@ def compare_all(browser, names: Iterable[str]) -> list[str]:
     from selenium.webdriver.common.by import By
 
     browser.find_element(By.CSS_SELECTOR, ".ag-header-cell input[type=checkbox]").click()
-    button = browser.find_element(By.XPATH, "//button[normalize-space(.)='Compare']")
-    wait_for(browser, lambda b: button.is_enabled(), "an enabled Compare button")
+    compare = "//button[normalize-space(.)='Compare']"
+    button = wait_for(
+        browser,
+        lambda b: next((e for e in b.find_elements(By.XPATH, compare) if e.is_enabled()), None),
+        "an enabled Compare button",
+    )
     button.click()
     wait_for(browser, lambda b: "compare-runs" in b.current_url, "the compare view")
     names = list(names)
