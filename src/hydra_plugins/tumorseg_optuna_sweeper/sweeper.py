@@ -7,7 +7,9 @@ any other exception, or no finite value, is FAIL with the reason in user attr ``
 and the sweep goes on.
 
 ``n_trials`` is the size of the study, not of this run: a rerun (or a second worker on the same
-storage) only runs what is missing, counting finished and running trials. ``n_jobs > 1`` or a
+storage) only runs what is missing, counting finished and running trials. A trial is reserved
+(the study counted and the trial created) under the study's lock, so workers sharing a storage
+never run more than ``n_trials`` between them. ``n_jobs > 1`` or a
 device pool (``devices``, ``devices_per_trial``) with Hydra's basic launcher runs trials at once,
 each in a fresh spawned process on its own devices (:mod:`.pool`); with another launcher
 (joblib, submitit) trials go to it in batches of ``n_jobs``.
@@ -151,10 +153,10 @@ def render(value: Any) -> str:
 
 
 @contextmanager
-def _init_lock(storage: str | None) -> Iterator[None]:
-    """Serialise study and MLflow set-up of workers sharing one storage: a file lock beside a
-    SQLite file, an advisory lock on PostgreSQL (fresh databases cannot be set up by two
-    processes at once)."""
+def _study_lock(storage: str | None) -> Iterator[None]:
+    """Serialise, between workers sharing one storage, the study and MLflow set-up (fresh
+    databases cannot be set up by two processes at once) and each trial's reservation (count,
+    then create): a file lock beside a SQLite file, an advisory lock on PostgreSQL."""
     from tumorseg.sweep import database_lock, sqlite_path
 
     path = sqlite_path(storage)
@@ -303,7 +305,7 @@ class OptunaSweeper(Sweeper):
         pool = self._device_pool(basic)
         self.n_jobs = self._jobs(pool)
 
-        with _init_lock(self.storage):
+        with _study_lock(self.storage):
             study = self._open_study()
             self.runs = self._guard("MLflow set-up", self._open_runs)
             self._fail_stale(study)
@@ -491,6 +493,13 @@ class OptunaSweeper(Sweeper):
             return 0
         return self.n_trials - len(self._taken(study))
 
+    def _reserve(self, study: optuna.Study, most: int = 1) -> list[optuna.Trial]:
+        """Up to ``most`` new trials, as many as the study still lacks. Counting and creating
+        happen under the study's lock: two workers that both saw the study one trial short
+        would otherwise each create one."""
+        with _study_lock(self.storage):
+            return [self._ask(study) for _ in range(min(most, self._todo(study)))]
+
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         from tumorseg.sweep import LIVE_TRIALS
 
@@ -561,8 +570,7 @@ class OptunaSweeper(Sweeper):
     # --- one at a time, or batches through another launcher ----------------------------------
 
     def _run_batches(self, study: optuna.Study) -> None:
-        while (todo := self._todo(study)) > 0:
-            trials = [self._ask(study) for _ in range(min(todo, self.n_jobs))]
+        while trials := self._reserve(study, self.n_jobs):
             try:
                 outcomes = self._launch(trials)
             except BaseException as err:  # KeyboardInterrupt, SystemExit from the job
@@ -591,8 +599,8 @@ class OptunaSweeper(Sweeper):
         with JobProcesses(*args, self.devices_key) as jobs:
             try:
                 while True:
-                    while jobs.can_start() and self._todo(study) > 0:
-                        trial = self._ask(study)
+                    while jobs.can_start() and (reserved := self._reserve(study)):
+                        trial = reserved[0]
                         trials[trial.number] = trial
                         overrides = self._job_overrides(trial)
                         devices = jobs.start(trial.number, trial.number, overrides)
