@@ -1,7 +1,9 @@
-"""`tumorseg.evaluate`: hand-computed metrics, HD95 with anisotropic spacing, the CLI's files."""
+"""`tumorseg.evaluate`: hand-computed metrics, HD95 with anisotropic spacing, the CLI's files,
+the regions of each label convention, overlays from every layout, the test stage's metrics."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
 SHAPE = (20, 20, 10)
 SPACING = (1.0, 1.0, 2.0)
 OUTPUTS = ("metrics.csv", "metrics_summary.csv", "metrics_boxplot.png", "metrics_lesions.csv")
+CANONICAL_REGIONS = ["wt", "tc", "et", "netc", "snfh"]  # every convention's; RC only brats2024
 
 
 def blob(center: tuple[int, int, int], radius: int, label: int) -> np.ndarray:
@@ -261,16 +264,16 @@ def test_cli_writes_metrics_summary_and_plot(tmp_path, layout, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
     df = pd.read_csv(out / "metrics.csv")
     assert list(df.columns) == ["case_id", "region", *METRICS]
-    assert len(df) == 9
+    assert list(df.region) == CANONICAL_REGIONS * 3
     perfect = df[df.case_id == "case_a"].set_index("region")
     assert (perfect.dice == 1).all() and (perfect.hd95 == 0).all()
     shifted = df[df.case_id == "case_b"].set_index("region")
     expected = case_metrics(tumour(1), tumour(), SPACING)
-    for region in ("wt", "tc", "et"):
+    for region in CANONICAL_REGIONS:
         for metric in BASE_METRICS:
             assert shifted.loc[region, metric] == pytest.approx(expected[region][metric])
     summary = pd.read_csv(out / "metrics_summary.csv")
-    assert len(summary) == len(METRICS) * 3 and set(summary.n) == {3}
+    assert len(summary) == len(METRICS) * 5 and set(summary.n) == {3}
     assert (out / "metrics_boxplot.png").read_bytes()[:4] == b"\x89PNG"
     stdout = capsys.readouterr().out
     assert "dice" in stdout and "WT" in stdout and "3 cases" in stdout
@@ -350,7 +353,7 @@ def test_cli_logs_to_mlflow(tmp_path, capsys):
     assert run_cli(tmp_path, "--mlflow-run", run_id, "--tracking-uri", uri) == 0
 
     metrics = client.get_run(run_id).data.metrics
-    assert len(metrics) == len(METRICS) * 3
+    assert len(metrics) == len(METRICS) * 5
     df = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert metrics["case/dice_wt"] == pytest.approx(df[df.region == "wt"].dice.mean())
     artifacts = {f.path for f in client.list_artifacts(run_id, "evaluation")}
@@ -369,14 +372,16 @@ MODALITY_FILES = {
     "brats2020": ("flair", "t1", "t1ce", "t2"),
     "brats2023": ("t2f", "t1n", "t1c", "t2w"),
 }
+FLAIR = 7.0  # the FLAIR's voxels; each other modality holds its index (1, 2, 3)
 
 
 def brats_case(root: Path, cid: str, convention: str, seg_name: str | None, images: bool) -> None:
-    """A BraTS case folder: the four modality images (not read) and the segmentation."""
+    """A BraTS case folder: the four modality images (FLAIR first) and the segmentation."""
     sep = "-" if convention == "brats2023" else "_"
     if images:
-        for mod in MODALITY_FILES[convention]:
-            save(root / cid / f"{cid}{sep}{mod}.nii.gz", np.zeros(SHAPE, np.float32))
+        for k, mod in enumerate(MODALITY_FILES[convention]):
+            value = FLAIR if k == 0 else k
+            save(root / cid / f"{cid}{sep}{mod}.nii.gz", np.full(SHAPE, value, np.float32))
     name = seg_name or f"{cid}{sep}seg.nii.gz"
     save(root / cid / name, FROM_CANONICAL[convention][tumour()])
 
@@ -399,10 +404,16 @@ def write_layout(root: Path, layout: str) -> tuple[str, str]:
     elif layout == "brats2023 flat -seg files":
         cid, conv = "BraTS-GLI-00003-000", "brats2023"
         save(ref / f"{cid}-seg.nii.gz", FROM_CANONICAL[conv][tumour()])
-    elif layout in ("msd task", "msd labelsTr"):
+    elif layout in ("msd task", "msd labelsTr", "msd task, FLAIR second in dataset.json"):
         cid, conv = "BRATS_001", "msd"
         task = ref / "Task01_BrainTumour"
-        save(task / "imagesTr" / f"{cid}.nii.gz", np.zeros((*SHAPE, 4), np.float32))
+        image = np.stack([np.full(SHAPE, v, np.float32) for v in (FLAIR, 1, 2, 3)], -1)
+        if layout.endswith("dataset.json"):
+            image = image[..., [1, 0, 2, 3]]
+            names = {"0": "T1w", "1": "FLAIR", "2": "t1gd", "3": "T2w"}
+            task.mkdir(parents=True)
+            (task / "dataset.json").write_text(json.dumps({"modality": names}))
+        save(task / "imagesTr" / f"{cid}.nii.gz", image)
         save(task / "labelsTr" / f"{cid}.nii.gz", FROM_CANONICAL[conv][tumour()])
         if layout == "msd labelsTr":
             (root / "ref_labels").mkdir()
@@ -451,3 +462,144 @@ def test_cli_labels_overrides_the_layout(tmp_path, capsys):
     assert main([*args, *out, "--labels", "brats2020"]) == 2  # 3 is not a brats2020 value
     assert "unexpected label value 3" in capsys.readouterr().err
     assert main([*args, *out, "--labels", "brats2023", "--pred-labels", "brats2023"]) == 0
+
+
+# ---------------------------------------------------------------- regions of each convention
+
+
+def evaluate(root: Path, refs: Path, *extra: str) -> tuple[int, Path]:
+    out = root / "out" / "metrics.csv"
+    args = ["--predictions", str(root / "pred"), "--references", str(refs), "--output", str(out)]
+    return main([*args, "--quiet", *extra]), out
+
+
+@pytest.mark.parametrize("layout", ["brats2020 case folders", "brats2023 case folders", "msd task"])
+def test_cli_scores_netc_and_snfh_and_no_cavity_where_the_convention_has_none(tmp_path, layout):
+    """NETC and SNFH are single labels, different in each convention (MSD swaps them): their
+    rows equal the canonical necrotic core's and edema's; no RC row without a cavity label."""
+    cid, _ = write_layout(tmp_path, layout)
+    code, out = evaluate(tmp_path, tmp_path / "ref")
+    assert code == 0
+    df = pd.read_csv(out).set_index("region")
+    assert list(df.index) == CANONICAL_REGIONS and list(df.case_id.unique()) == [cid]
+    expected = case_metrics(tumour(1), tumour(), SPACING)
+    for region in ("netc", "snfh"):
+        for metric in BASE_METRICS:
+            assert df.loc[region, metric] == pytest.approx(expected[region][metric]), region
+        assert df.loc[region, ["lesions_ref", "lesions_pred", "matched"]].tolist() == [1, 1, 1]
+        assert df.loc[region, "lesion_dice"] == pytest.approx(expected[region]["dice"])
+    assert expected["netc"]["dice"] != expected["snfh"]["dice"]
+    lesions = pd.read_csv(out.with_name("metrics_lesions.csv"))
+    assert set(lesions.region) == set(CANONICAL_REGIONS)
+    summary = pd.read_csv(out.with_name("metrics_summary.csv"))
+    assert set(summary.region) == set(CANONICAL_REGIONS)
+
+
+CAVITY = (slice(1, 4), slice(16, 19), slice(3, 7))  # away from the tumour
+CAVITY_PRED = (slice(2, 5), slice(16, 19), slice(3, 7))  # shifted by one voxel: Dice 2/3
+
+
+def test_cli_scores_the_resection_cavity_of_brats2024_references(tmp_path):
+    """BraTS 2024 label 4 (resection cavity) is no tumour: WT, TC and ET ignore it and the RC
+    row scores it. A prediction read as brats2020 has no cavity: RC is one missed lesion."""
+    ref, pred = tumour(), tumour(1)  # BraTS 2024 keeps 1/2/3 and adds 4
+    ref[CAVITY], pred[CAVITY_PRED] = 4, 4
+    save(tmp_path / "ref" / "c.nii.gz", ref)
+    save(tmp_path / "pred" / "c.nii.gz", pred)
+    code, out = evaluate(tmp_path, tmp_path / "ref", "--labels", "brats2024")
+    assert code == 0
+    df = pd.read_csv(out).set_index("region")
+    assert list(df.index) == [*CANONICAL_REGIONS, "rc"]
+    expected = case_metrics(tumour(1), tumour(), SPACING)
+    for region in CANONICAL_REGIONS:
+        assert df.loc[region, "dice"] == pytest.approx(expected[region]["dice"]), region
+    rc = df.loc["rc"]
+    assert rc.dice == pytest.approx(2 / 3) and rc.lesion_dice == pytest.approx(2 / 3)
+    assert (rc.lesions_ref, rc.lesions_pred, rc.matched, rc.missed, rc.false) == (1, 1, 1, 0, 0)
+    lesions = pd.read_csv(out.with_name("metrics_lesions.csv"))
+    assert lesions[lesions.region == "rc"].status.tolist() == ["matched"]
+    assert "rc" in set(pd.read_csv(out.with_name("metrics_summary.csv")).region)
+
+    save(tmp_path / "pred" / "c.nii.gz", TO_BRATS2020[tumour(1)])
+    code, out = evaluate(
+        tmp_path, tmp_path / "ref", "--labels", "brats2024", "--pred-labels", "brats2020"
+    )
+    assert code == 0
+    df = pd.read_csv(out).set_index("region")
+    assert df.loc["et", "dice"] == pytest.approx(expected["et"]["dice"])  # 4 read as ET
+    assert df.loc["rc", ["dice", "lesions_ref", "lesions_pred", "missed"]].tolist() == [0, 1, 0, 1]
+
+
+class _Module:
+    def eval(self):
+        return self
+
+
+def test_test_stage_logs_netc_and_snfh_and_averages_wt_tc_et(monkeypatch):
+    """The training test stage scores canonical labels: NETC and SNFH reach the MLflow means
+    (there is no cavity label), and ``*_mean`` stays the mean of WT, TC and ET."""
+    from tumorseg import case_eval
+    from tumorseg.data.nifti import Case
+
+    monkeypatch.setattr(case_eval, "predict_case", lambda module, case, **kwargs: tumour(1))
+    image = np.zeros((4, *SHAPE), np.float32)
+    cases = [Case(cid, image, tumour(), np.diag([*SPACING, 1.0])) for cid in ("a", "b")]
+    means = case_eval.test_stage(_Module(), cases, [], logger=None)
+    expected = case_metrics(tumour(1), tumour(), SPACING)
+    for region in CANONICAL_REGIONS:
+        assert means[f"test/dice_{region}"] == pytest.approx(expected[region]["dice"]), region
+        assert f"test/lesion_dice_{region}" in means and f"test/lesion_hd95_{region}" in means
+    assert not [name for name in means if name.endswith("_rc")]
+    wt_tc_et = np.mean([expected[r]["dice"] for r in ("wt", "tc", "et")])
+    assert means["test/dice_mean"] == pytest.approx(wt_tc_et)
+
+
+# ---------------------------------------------------------------- overlays
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "brats2020 case folders",
+        "brats2023 case folders",
+        "msd task",
+        "msd task, FLAIR second in dataset.json",
+    ],
+)
+def test_cli_overlays_show_the_flair_of_every_layout(tmp_path, layout, monkeypatch):
+    """The FLAIR is found as tumorseg-prepare finds it: ``_flair``, ``-t2f``, the MSD image's
+    FLAIR channel (``dataset.json`` order); the overlay is drawn on it."""
+    from tumorseg import overlay
+
+    drawn = {}
+    draw = overlay.overlay_figure
+
+    def spy(image, truth, pred, affine, title="", **kwargs):
+        drawn[title] = (image, truth, pred)
+        return draw(image, truth, pred, affine, title, **kwargs)
+
+    monkeypatch.setattr(overlay, "overlay_figure", spy)
+    cid, _ = write_layout(tmp_path, layout)
+    code, _ = evaluate(tmp_path, tmp_path / "ref", "--overlays", str(tmp_path / "overlays"))
+    assert code == 0
+    assert [p.name for p in (tmp_path / "overlays").iterdir()] == [f"{cid}.png"]
+    assert (tmp_path / "overlays" / f"{cid}.png").read_bytes()[:4] == b"\x89PNG"
+    image, truth, pred = drawn[cid]
+    assert np.all(image == FLAIR)
+    assert np.array_equal(truth, tumour()) and np.array_equal(pred, tumour(1))  # canonical
+
+
+@pytest.mark.parametrize("problem", ["truncated", "shape"])
+def test_cli_bad_flair_for_overlays_writes_nothing(tmp_path, problem, capsys):
+    cid, _ = write_layout(tmp_path, "brats2023 case folders")
+    flair = tmp_path / "ref" / cid / f"{cid}-t2f.nii.gz"
+    if problem == "truncated":
+        flair.write_bytes(flair.read_bytes()[:-20])  # cut off the end of the gzip stream
+    else:  # every modality of another shape: a consistent case whose grid is not the reference's
+        for path in flair.parent.glob(f"{cid}-t*.nii.gz"):
+            save(path, np.ones((8, 8, 8), np.float32))
+    code, out = evaluate(tmp_path, tmp_path / "ref", "--overlays", str(tmp_path / "overlays"))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"tumorseg-evaluate: error: {flair.parent}")
+    assert not out.parent.exists() and not (tmp_path / "overlays").exists()

@@ -263,8 +263,10 @@ def test_evaluate_cli_reports_the_official_lesion_wise_numbers(tmp_path):
         "penalised_hd95": "penalised_hd95",
     }
     for case_id in ISOTROPIC:
-        for region in ("wt", "tc", "et"):
-            row, official = df.loc[(case_id, region)], CASES[case_id]["regions"][region]
+        # every region of the BraTS 2024 labels: WT, TC, ET, NETC, SNFH and RC
+        assert sorted(df.loc[case_id].index) == sorted(CASES[case_id]["regions"])
+        for region, official in CASES[case_id]["regions"].items():
+            row = df.loc[(case_id, region)]
             for ours, theirs in columns.items():
                 assert close(row[ours], official[theirs]), (case_id, region, ours)
             assert close(row["lesion_hd95"], lesions_reported(official["lesion_hd95"]))

@@ -242,6 +242,33 @@ def test_case_csv_without_dice_is_unusable(tmp_path):
     assert read[list(report.CASE_METRICS[1:])].isna().all().all()  # absent metrics are NaN
 
 
+def test_case_csv_with_every_region_keeps_wt_tc_et(tmp_path):
+    """``tumorseg-evaluate`` and the test stage also write NETC, SNFH and (BraTS 2024) RC rows;
+    the report compares variants on WT, TC and ET and leaves those rows out."""
+    from tumorseg.scoring import case_table, scored_rows
+
+    ref = np.zeros((12, 12, 12), np.uint8)
+    ref[2:8, 2:8, 2:8], ref[3:6, 3:6, 3:6], ref[4, 4, 4] = 2, 1, 3
+    ref[9:11, 9:11, 9:11] = 4  # resection cavity
+    pred = np.roll(ref, 1, axis=0)
+    rows = [
+        r
+        for cid in ("c1", "c2")
+        for r in scored_rows(cid, pred, ref, (1, 1, 1), labels="brats2024")[0]
+    ]
+    table = case_table(rows)
+    assert set(table.region) == {"wt", "tc", "et", "netc", "snfh", "rc"}
+    path = tmp_path / "test_cases.csv"
+    table.to_csv(path, index=False)
+    read = report.read_case_csv(path)
+    assert read.region.tolist() == ["wt", "tc", "et"] * 2
+    expected = table[table.region.isin(["wt", "tc", "et"])]
+    assert read.dice.tolist() == pytest.approx(expected.dice.tolist())
+    assert read.lesion_dice.tolist() == pytest.approx(expected.lesion_dice.tolist())
+    means = report.case_means(read.assign(variant="unet"))
+    assert set(means.region) == {"wt", "tc", "et"}
+
+
 def test_paired_test_needs_six_cases():
     a = pd.Series([0.5, 0.6, 0.7, 0.8, 0.9], index=list("abcde"))
     b = pd.Series([0.6, 0.7, 0.8, 0.9, 1.0, 0.1], index=list("abcdef"))

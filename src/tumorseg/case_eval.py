@@ -3,10 +3,14 @@
 Each test case is predicted exactly as ``tumorseg-predict`` would predict it (the same
 ``tumorseg.inference.predict_case`` on the raw case, replaying the checkpoint's preprocessing),
 and scored on its own grid by ``tumorseg.scoring``. The numbers are per case (Dice, IoU,
-accuracy, sensitivity, specificity, HD95, NSD and the lesion-wise BraTS metrics for WT, TC, ET),
-then averaged over cases: ``test/dice_wt`` is the mean case Dice, as BraTS reports it, and
-``test/lesion_dice_wt`` / ``test/lesion_hd95_wt`` the mean lesion-wise scores. The HD95
-convention is the config's ``test_hd95`` (``pooled``, or ``max``: metrics ``test/hd95_max_*``).
+accuracy, sensitivity, specificity, HD95, NSD and the lesion-wise BraTS metrics), then averaged
+over cases: ``test/dice_wt`` is the mean case Dice, as BraTS reports it, and
+``test/lesion_dice_wt`` / ``test/lesion_hd95_wt`` the mean lesion-wise scores. The regions are
+those of tumorseg's canonical labels, which every case is read into: WT, TC, ET, NETC
+(``test/lesion_dice_netc``) and SNFH (``test/lesion_dice_snfh``); a resection cavity is
+background in canonical labels, so RC is scored only by ``tumorseg-evaluate`` on BraTS 2024
+references. ``test/<metric>_mean`` averages WT, TC and ET. The HD95 convention is the config's
+``test_hd95`` (``pooled``, or ``max``: metrics ``test/hd95_max_*``).
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ def score_cases(
     batch_size: int = 32,
     hd95: str = "pooled",
 ):
-    """One row per case and region with every metric of ``tumorseg.scoring`` and one row per
-    lesion (two tables); with ``predictions``, each case's canonical labels are also saved
-    there as ``<id>.nii.gz``."""
+    """One row per case and region (canonical labels: WT, TC, ET, NETC, SNFH) with every
+    metric of ``tumorseg.scoring`` and one row per lesion (two tables); with ``predictions``,
+    each case's canonical labels are also saved there as ``<id>.nii.gz``."""
     rows, lesion_rows = [], []
     for case in cases:
         pred = predict_case(module, case, batch_size=batch_size, normalised=normalised)

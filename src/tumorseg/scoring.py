@@ -1,9 +1,15 @@
 """Scoring a segmented case against its reference, and summaries over cases.
 
-Per case and BraTS region (WT, TC, ET): Dice, IoU, pixel accuracy (``acc``), sensitivity
-(``sens``), specificity (``spec``) and HD95 in mm (from the voxel spacing). These short names
-are the CSV columns and the MLflow metric names everywhere (``test/dice_wt``,
-``case/hd95_et``). Used by ``tumorseg-evaluate``, the training test stage and reports.
+Per case and region: Dice, IoU, pixel accuracy (``acc``), sensitivity (``sens``), specificity
+(``spec``) and HD95 in mm (from the voxel spacing). These short names are the CSV columns and
+the MLflow metric names everywhere (``test/dice_wt``, ``case/hd95_et``). Used by
+``tumorseg-evaluate``, the training test stage and reports.
+
+Regions are those of the label convention the volumes are in (``tumorseg.lesions.REGIONS``), in
+the order of ``REGION_ORDER``: WT, TC and ET, then the single labels NETC (necrotic /
+non-enhancing core) and SNFH (edema), which every convention has, and RC (resection cavity)
+only where the convention has a cavity label (``brats2024``). A convention without a region
+gets no row for it. ``BRATS_REGIONS`` (WT, TC, ET) are the ones averaged into ``*_mean``.
 
 Empty-mask rules (as BraTS), for each region:
 
@@ -31,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +45,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from tumorseg.labels import REGIONS
+from tumorseg.labels import from_canonical, to_canonical
 from tumorseg.lesions import REGIONS as LESION_REGIONS
 from tumorseg.lesions import nearest_distances, reported
 from tumorseg.lesions import score_case as lesion_scores
@@ -82,11 +88,44 @@ LESION_COLUMNS = (
     "hd95",
 )
 HD95_CONVENTIONS = ("pooled", "max")
+REGION_ORDER = ("wt", "tc", "et", "netc", "snfh", "rc")  # rows, summaries and plots
+BRATS_REGIONS = ("wt", "tc", "et")  # the regions ``*_mean`` averages, as BraTS ranks them
 EMPTY_HD95 = 373.13  # mm, diagonal of the 240 x 240 x 155 BraTS volume at 1 mm
 HD95_MARGIN = 1  # voxels of padding around the masks' bounding box (enough for the erosion)
 RESAMPLES, SEED = 2000, 0  # bootstrap of the mean
 
 log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- regions
+
+
+def regions_of(labels: str = "canonical") -> dict[str, tuple[int, ...]]:
+    """Region -> label values of the label convention ``labels`` (a key of
+    ``tumorseg.lesions.REGIONS``; ``canonical`` is tumorseg's own), in ``REGION_ORDER``."""
+    if labels not in LESION_REGIONS:
+        raise ValueError(
+            f"unknown label convention {labels!r}: use one of {sorted(LESION_REGIONS)}"
+        )
+    table = LESION_REGIONS[labels]
+    return {r: table[r] for r in REGION_ORDER if r in table}
+
+
+def ordered_regions(regions) -> list[str]:
+    """The distinct ``regions`` in ``REGION_ORDER``, others after them, sorted."""
+    present = set(regions)
+    return [r for r in REGION_ORDER if r in present] + sorted(present - set(REGION_ORDER))
+
+
+def in_convention(seg: np.ndarray, convention: str, target: str, source: str) -> np.ndarray:
+    """``seg``, label values of ``convention``, as uint8 values of ``target``.
+
+    Every value is checked (``LabelError`` naming ``source`` for one ``convention`` lacks). A
+    label ``target`` has no value for becomes background (a cavity read into ``brats2020``)."""
+    canonical = to_canonical(seg, convention, source)
+    if convention == target:
+        return seg.astype(np.uint8)
+    return from_canonical(canonical, target)
 
 
 # ---------------------------------------------------------------- metrics
@@ -171,22 +210,25 @@ def case_metrics(
     ref: np.ndarray,
     spacing: tuple[float, float, float],
     convention: str = "pooled",
+    labels: str = "canonical",
 ) -> dict[str, dict[str, float]]:
-    """Metrics of one case: region (``wt``, ``tc``, ``et``) -> metric -> value.
+    """Metrics of one case: region (``regions_of(labels)``: ``wt``, ``tc``, ``et``, ``netc``,
+    ``snfh``, and ``rc`` where ``labels`` has it) -> metric -> value.
 
-    ``pred`` and ``ref`` are canonical label volumes (0 background, 1 NCR, 2 ED, 3 ET) of the
-    same shape; ``spacing`` is the voxel size in mm along each axis (used for HD95).
+    ``pred`` and ``ref`` are label volumes of the same shape in the label convention
+    ``labels`` (default canonical: 0 background, 1 NCR, 2 ED, 3 ET); ``spacing`` is the voxel
+    size in mm along each axis (used for HD95); ``convention`` the HD95 convention.
     """
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference {ref.shape}")
     if len(spacing) != ref.ndim:
         raise ValueError(f"spacing {tuple(spacing)} does not match a {ref.ndim}D volume")
     out = {}
-    for region, labels in REGIONS.items():
+    for region, values in regions_of(labels).items():
         out[region] = {
             name: float(value)
             for name, value in mask_metrics(
-                np.isin(pred, labels), np.isin(ref, labels), spacing, convention
+                np.isin(pred, values), np.isin(ref, values), spacing, convention
             ).items()
         }
     return out
@@ -209,12 +251,13 @@ def summarise(df: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) ->
     """Per metric and region of a per-case table: n, mean, median, std (ddof 1), 95% CI.
 
     ``df`` has the columns of ``metrics.csv``; the result has one row per metric and region
-    (in ``METRICS`` and ``REGIONS`` order) and columns metric, region, n, mean, median, std,
-    ci_low, ci_high. Each group's bootstrap uses the same ``seed``.
+    of ``df`` (in ``METRICS`` and ``REGION_ORDER`` order) and columns metric, region, n, mean,
+    median, std, ci_low, ci_high. Each group's bootstrap uses the same ``seed``.
     """
     rows = []
+    regions = ordered_regions(df["region"])
     for metric in metrics_of(df):
-        for region in REGIONS:
+        for region in regions:
             values = df.loc[df["region"] == region, metric].dropna().to_numpy(dtype=float)
             if not len(values):
                 continue
@@ -241,7 +284,7 @@ def means_table(summary: pd.DataFrame) -> str:
     shown = [
         m for m in metrics_of(pd.DataFrame(columns=means.columns)) if m.removesuffix("_max") in main
     ]
-    means = means.reindex(index=[r for r in REGIONS if r in means.index], columns=shown)
+    means = means.reindex(index=ordered_regions(means.index), columns=shown)
     lines = ["region " + " ".join(f"{m:>11}" for m in shown)]
     for region, row in means.iterrows():
         lines.append(f"{region.upper():<6} " + " ".join(f"{v:>11.4f}" for v in row))
@@ -255,8 +298,8 @@ def save_boxplot(df: pd.DataFrame, path: Path) -> None:
     from matplotlib.figure import Figure
 
     data = df.assign(region=df["region"].str.upper())
-    order = [r.upper() for r in REGIONS]
-    fig = Figure(figsize=(9, 4), layout="constrained")
+    order = [r.upper() for r in ordered_regions(df["region"])]
+    fig = Figure(figsize=(max(9, 1.5 * len(order)), 4), layout="constrained")
     hd95_column = next(m for m in metrics_of(df) if m.startswith("hd95"))
     for ax, metric, title in zip(
         fig.subplots(1, 2), ("dice", hd95_column), ("Dice", "HD95 (mm)"), strict=True
@@ -290,15 +333,18 @@ def scored_rows(
     spacing,
     hd95: str = "pooled",
     nsd_tolerance: float | None = None,
+    labels: str = "canonical",
 ) -> tuple[list[dict], list[dict]]:
-    """Rows of the per-case table (one per region) and of the per-lesion table, for one case
-    of canonical labels; HD95 columns named by ``metric_names(hd95)``."""
+    """Rows of the per-case table (one per region of ``regions_of(labels)``) and of the
+    per-lesion table, for one case whose ``pred`` and ``ref`` are label volumes in the label
+    convention ``labels`` (``in_convention`` brings a prediction into its reference's); HD95
+    columns named by ``metric_names(hd95)``."""
     names = dict(zip(METRICS, metric_names(hd95), strict=True))
-    base = case_metrics(pred, ref, spacing, hd95)
-    table = {r: LESION_REGIONS["canonical"][r] for r in REGIONS}
+    table = regions_of(labels)
+    base = case_metrics(pred, ref, spacing, hd95, labels)
     lesion = lesion_scores(pred, ref, spacing, table, hd95=hd95, nsd_tolerance=nsd_tolerance)
     rows, lesion_rows = [], []
-    for region in REGIONS:
+    for region in table:
         s = lesion[region]
         values = {
             **base[region],
@@ -352,13 +398,18 @@ def lesion_table(rows: list[dict], hd95: str = "pooled") -> pd.DataFrame:
 
 
 def case_means(df: pd.DataFrame, prefix: str = "test") -> dict[str, float]:
-    """``{"test/dice_wt": mean over cases, ..., "test/dice_mean": mean over regions}``."""
+    """``{"test/dice_wt": mean over cases, ..., "test/dice_mean": mean over WT, TC, ET}``:
+    a mean per metric and region of ``df`` (``test/dice_netc`` too), and ``*_mean`` over
+    ``BRATS_REGIONS`` only, so that it means the same whatever the label convention."""
     metrics = metrics_of(df)
     means = df.groupby("region")[metrics].mean()
+    brats = [r for r in BRATS_REGIONS if r in means.index]
     out = {}
     for m in metrics:
-        out.update({f"{prefix}/{m}_{r}": float(means.loc[r, m]) for r in means.index})
-        out[f"{prefix}/{m}_mean"] = float(means[m].mean())
+        out.update(
+            {f"{prefix}/{m}_{r}": float(means.loc[r, m]) for r in ordered_regions(means.index)}
+        )
+        out[f"{prefix}/{m}_mean"] = float(means.loc[brats, m].mean())
     return out
 
 
@@ -377,8 +428,10 @@ def write_outputs(
     summary: pd.DataFrame,
     paths: dict[str, Path],
     lesions: pd.DataFrame | None = None,
+    extra: Sequence[tuple[Path, Callable[[Path], None]]] = (),
 ) -> None:
-    """Write the tables and the plot atomically; the per-lesion CSV only with ``lesions``."""
+    """Write the tables and the plot atomically; the per-lesion CSV only with ``lesions``;
+    ``extra`` ``(path, writer)`` files (overlays) with them, all or nothing."""
     files = [
         (paths["metrics"], lambda p: df.to_csv(p, index=False)),
         (paths["summary"], lambda p: summary.to_csv(p, index=False)),
@@ -386,7 +439,7 @@ def write_outputs(
     ]
     if lesions is not None:
         files.append((paths["lesions"], lambda p: lesions.to_csv(p, index=False)))
-    write_atomically(files)
+    write_atomically([*files, *extra])
 
 
 def log_to_mlflow(

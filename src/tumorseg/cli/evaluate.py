@@ -1,4 +1,4 @@
-"""Score predicted segmentations against references, per case and BraTS region (WT, TC, ET).
+"""Score predicted segmentations against references, per case and BraTS region.
 
 ``tumorseg-evaluate`` pairs prediction files ``PRED/<case_id>.nii[.gz]`` with the references
 in ``REF``, found as ``tumorseg-prepare`` finds them: BraTS 2020/2021 case folders
@@ -8,9 +8,10 @@ in ``REF``, found as ``tumorseg-prepare`` finds them: BraTS 2020/2021 case folde
 folders holding only their segmentation). Each reference's label convention follows its layout
 (``_seg`` BraTS 2020, ``-seg`` BraTS 2023, MSD); ``--labels`` sets it where the layout does not
 say (flat ``<id>.nii.gz``: BraTS 2020 by default) and overrides it everywhere when given.
-Predictions are read in ``--pred-labels``, else in their reference's convention. Both are
-converted to canonical labels and scored per case and region: Dice, IoU, pixel accuracy,
-sensitivity, specificity and HD95 (mm, voxel spacing from the reference's header)::
+Predictions are read in ``--pred-labels``, else in their reference's convention, and brought
+into the reference's. Both are scored per case and region of that convention (WT, TC, ET, NETC,
+SNFH, and RC for ``brats2024``): Dice, IoU, pixel accuracy, sensitivity, specificity and HD95
+(mm, voxel spacing from the reference's header)::
 
     tumorseg-evaluate --predictions preds --references data/BraTS2020 --output out/metrics.csv
 
@@ -22,7 +23,9 @@ prints the means. ``--hd95 pooled|max`` picks the HD95 convention (``max`` names
 ``hd95_max``...); ``--nsd-tolerance MM`` sets the NSD tolerance (default: the official
 evaluator's, see ``tumorseg.lesions``).
 ``--mlflow-run ID`` also logs the means as ``case/<metric>_<region>`` and the three files as
-artifacts of that run.
+artifacts of that run. ``--overlays DIR`` writes a three-view PNG per case whose reference
+sits in a data set with images (BraTS 2020/2021 or 2023+ case folders, MSD), with the FLAIR
+as ``tumorseg-prepare`` reads it.
 
 Metrics, empty-mask rules and the HD95 convention are ``tumorseg.scoring``'s.
 """
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,14 +46,14 @@ import pandas as pd
 
 from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
-from tumorseg.data.nifti import SUFFIXES, find_nifti
-from tumorseg.data.readers import detect_format, list_cases
+from tumorseg.data.nifti import MODALITIES, SUFFIXES, find_nifti
+from tumorseg.data.readers import CaseRef, detect_format, list_cases
 from tumorseg.errors import DataError
 from tumorseg.labels import CONVENTIONS, to_canonical
-from tumorseg.outputs import write_atomically
 from tumorseg.scoring import (
     HD95_CONVENTIONS,
     case_table,
+    in_convention,
     lesion_table,
     log_to_mlflow,
     means_table,
@@ -73,12 +78,24 @@ log = logging.getLogger(__name__)
 @dataclass
 class Pair:
     """A prediction and its reference file (``convention``: the reference's, if its layout
-    tells it)."""
+    tells it; ``case``: the reference's case as the data readers list it, when it has
+    images)."""
 
     case_id: str
     pred: Path
     ref: Path
     convention: str | None = None
+    case: CaseRef | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where a case's reference is (``path`` None: a case without one), its label convention
+    if the layout tells it, and the case's ``CaseRef`` when it has images."""
+
+    path: Path | None = None
+    convention: str | None = None
+    case: CaseRef | None = None
 
 
 def strip_suffix(name: str) -> str | None:
@@ -99,6 +116,25 @@ def nifti_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def from_case(ref: CaseRef) -> Reference:
+    """The reference of a case the data readers listed (its segmentation is the last path)."""
+    if not ref.labelled:
+        return Reference(case=ref)
+    return Reference(ref.paths[-1], ref.convention, ref)
+
+
+def _case_folder(folder: Path) -> Reference:
+    """A case folder of a data set that did not list as a whole: read as ``tumorseg-prepare``
+    reads a case folder when its images are complete, else only its segmentation."""
+    try:
+        cases = list_cases(folder, "brats", labelled=False)
+    except DataError:
+        cases = []
+    if len(cases) == 1 and cases[0].case_id == folder.name and cases[0].labelled:
+        return from_case(cases[0])
+    return Reference(*_seg_only(folder))
+
+
 def _seg_only(folder: Path) -> tuple[Path | None, str | None]:
     """The segmentation of a case folder holding no images: ``<id>_seg``, ``<id>-seg`` or a
     single file named like one (BraTS 2020 case 355: ``W39_1998.09.19_Segm.nii``)."""
@@ -113,11 +149,11 @@ def _seg_only(folder: Path) -> tuple[Path | None, str | None]:
     return (odd[0], None) if odd else (None, None)
 
 
-def reference_files(folder: Path) -> dict[str, tuple[Path | None, str | None]]:
-    """Case id -> (reference file, its label convention or None), every layout of the module
-    docstring. A case folder without a segmentation maps to (None, None), reported only if a
-    prediction names it."""
-    refs: dict[str, tuple[Path | None, str | None]] = {}
+def reference_files(folder: Path) -> dict[str, Reference]:
+    """Case id -> its ``Reference``, every layout of the module docstring. A case folder
+    without a segmentation maps to an empty ``Reference``, reported only if a prediction
+    names it."""
+    refs: dict[str, Reference] = {}
     try:
         fmt = detect_format(folder)
     except DataError:
@@ -131,19 +167,19 @@ def reference_files(folder: Path) -> dict[str, tuple[Path | None, str | None]]:
             log.debug("not a complete %s data set (%s); looking for segmentations", fmt, err)
             cases = []
         for ref in cases:
-            refs[ref.case_id] = (ref.paths[-1], ref.convention) if ref.labelled else (None, None)
+            refs[ref.case_id] = from_case(ref)
     if not refs:
         for path in sorted(folder.iterdir()):
             if path.is_dir() and not path.name.startswith("."):
-                refs[path.name] = _seg_only(path)
+                refs[path.name] = _case_folder(path)
         flat = "msd" if folder.name == "labelsTr" else None
         for name, path in nifti_files(folder).items():
             cid, convention = name, flat
             for tail, conv in (("-seg", "brats2023"), ("_seg", "brats2020")):
                 if name.endswith(tail) and len(name) > len(tail):
                     cid, convention = name[: -len(tail)], conv
-            if refs.get(cid, (None, None))[0] is None:
-                refs[cid] = (path, convention)
+            if refs.get(cid, Reference()).path is None:
+                refs[cid] = Reference(path, convention)
     return refs
 
 
@@ -151,17 +187,17 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> tuple[list[Pair], dict[str, str
     """Pairs by case id, and problems: case id -> why it has no partner."""
     preds, refs = nifti_files(pred_dir), reference_files(ref_dir)
     pairs, problems = [], {}
-    for cid in sorted(set(preds) | {c for c, (p, _) in refs.items() if p is not None}):
-        ref, convention = refs.get(cid, (None, None))
+    for cid in sorted(set(preds) | {c for c, r in refs.items() if r.path is not None}):
+        ref = refs.get(cid, Reference())
         if cid not in preds:
             problems[cid] = f"no prediction {pred_dir / cid}.nii.gz"
-        elif ref is None:
+        elif ref.path is None:
             problems[cid] = (
                 f"no reference {ref_dir / cid}.nii.gz, {ref_dir / cid}-seg.nii.gz or "
                 f"{ref_dir / cid / cid}_seg.nii.gz"
             )
         else:
-            pairs.append(Pair(cid, preds[cid], ref, convention))
+            pairs.append(Pair(cid, preds[cid], ref.path, ref.convention, ref.case))
     return pairs, problems
 
 
@@ -207,6 +243,20 @@ def label_conventions(
     return pred_labels or ref, ref
 
 
+def read_pair(
+    pair: Pair, pred_labels: str | None, ref_labels: str | None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Prediction and reference voxels, both in the reference's label convention (checked),
+    and that convention."""
+    pred_labels, ref_labels = label_conventions(pair, pred_labels, ref_labels)
+    pred, ref = voxels(load(pair.pred), pair.pred), voxels(load(pair.ref), pair.ref)
+    return (
+        in_convention(pred, pred_labels, ref_labels, str(pair.pred)),
+        in_convention(ref, ref_labels, ref_labels, str(pair.ref)),
+        ref_labels,
+    )
+
+
 def score_pair(
     pair: Pair,
     pred_labels: str | None,
@@ -214,7 +264,8 @@ def score_pair(
     hd95: str = "pooled",
     nsd_tolerance: float | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Rows of ``metrics.csv`` and of ``metrics_lesions.csv`` for one case."""
+    """Rows of ``metrics.csv`` and of ``metrics_lesions.csv`` for one case, one per region of
+    the reference's label convention."""
     pred_img, ref_img = load(pair.pred), load(pair.ref)
     spacing = tuple(float(s) for s in ref_img.header.get_zooms()[:3])
     pred_spacing = tuple(float(s) for s in pred_img.header.get_zooms()[:3])
@@ -225,10 +276,8 @@ def score_pair(
             pred_spacing,
             spacing,
         )
-    pred_labels, ref_labels = label_conventions(pair, pred_labels, ref_labels)
-    pred = to_canonical(voxels(pred_img, pair.pred), pred_labels, str(pair.pred))
-    ref = to_canonical(voxels(ref_img, pair.ref), ref_labels, str(pair.ref))
-    return scored_rows(pair.case_id, pred, ref, spacing, hd95, nsd_tolerance)
+    pred, ref, labels = read_pair(pair, pred_labels, ref_labels)
+    return scored_rows(pair.case_id, pred, ref, spacing, hd95, nsd_tolerance, labels)
 
 
 def score_all(
@@ -321,6 +370,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgError(f"--output {args.output} is a folder")
     if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
         raise ArgError(f"--nsd-tolerance {args.nsd_tolerance} must be >= 0 (mm)")
+    if args.overlays is not None and args.overlays.exists() and not args.overlays.is_dir():
+        raise ArgError(f"--overlays {args.overlays} is not a folder")
 
 
 def error(message: str) -> None:
@@ -346,29 +397,45 @@ def select_pairs(args: argparse.Namespace) -> tuple[list[Pair], dict[str, str]]:
     return pairs, problems
 
 
-def write_overlays(
-    pairs: list[Pair], folder: Path, pred_labels: str | None, ref_labels: str | None
-) -> int:
-    """``folder/<case_id>.png`` (FLAIR, truth solid, prediction dashed) for each pair whose
-    reference sits in a BraTS case folder with its FLAIR; returns how many were written."""
+def flair(case: CaseRef) -> tuple[np.ndarray, np.ndarray]:
+    """FLAIR volume and affine of a listed case, read by the data readers (BraTS 2020/2021
+    ``_flair``, BraTS 2023+ ``-t2f``, the MSD image's FLAIR channel); its segmentation is not
+    read (the scored reference is used)."""
+    images = replace(case, paths=case.paths[: len(case.paths) - case.labelled], labelled=False)
+    loaded = images.load()
+    return loaded.image[MODALITIES.index("flair")], loaded.affine
+
+
+def save_overlay(pair: Pair, path: Path, pred_labels: str | None, ref_labels: str | None) -> None:
+    """Three-view PNG of one case: its FLAIR, the reference solid, the prediction dashed."""
     from tumorseg.overlay import overlay_figure
 
-    folder.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for pair in pairs:
-        flair = find_nifti(pair.ref.parent, f"{pair.case_id}_flair")
-        if flair is None:
-            continue
-        img = load(flair)
-        pred_conv, ref_conv = label_conventions(pair, pred_labels, ref_labels)
-        pred = to_canonical(voxels(load(pair.pred), pair.pred), pred_conv, str(pair.pred))
-        ref = to_canonical(voxels(load(pair.ref), pair.ref), ref_conv, str(pair.ref))
-        fig = overlay_figure(voxels(img, flair), ref, pred, img.affine, title=pair.case_id)
-        write_atomically(
-            [(folder / f"{pair.case_id}.png", lambda p, f=fig: f.savefig(p, format="png", dpi=80))]
+    image, affine = flair(pair.case)
+    pred, ref, labels = read_pair(pair, pred_labels, ref_labels)
+    if image.shape != ref.shape:
+        raise DataError(
+            f"{pair.case.paths[0]}: image shape {image.shape} differs from the reference "
+            f"{ref.shape} ({pair.ref.name})"
         )
-        written += 1
-    return written
+    pred = to_canonical(pred, labels, str(pair.pred))
+    ref = to_canonical(ref, labels, str(pair.ref))
+    fig = overlay_figure(image, ref, pred, affine, title=pair.case_id)
+    fig.savefig(path, format="png", dpi=80)
+
+
+def overlay_writers(
+    pairs: list[Pair], folder: Path, pred_labels: str | None, ref_labels: str | None
+) -> list[tuple[Path, Callable[[Path], None]]]:
+    """``(folder/<case_id>.png, writer)`` for each pair whose reference belongs to a case with
+    images (see ``flair``); written with the tables, all or nothing."""
+    return [
+        (
+            folder / f"{pair.case_id}.png",
+            partial(save_overlay, pair, pred_labels=pred_labels, ref_labels=ref_labels),
+        )
+        for pair in pairs
+        if pair.case is not None
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,13 +457,14 @@ def main(argv: list[str] | None = None) -> int:
             args.hd95,
             args.nsd_tolerance,
         )
+        summary = summarise(df)
+        overlays = []
+        if args.overlays:
+            overlays = overlay_writers(pairs, args.overlays, args.pred_labels, args.labels)
+        write_outputs(df, summary, paths, lesions, overlays)
     except DataError as err:
         error(str(err))
         return 2
-
-    summary = summarise(df)
-    try:
-        write_outputs(df, summary, paths, lesions)
     except OSError as err:
         error(f"cannot write {args.output}: {err}")
         return 1
@@ -406,13 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print(f"skipped {len(skipped)} case(s): " + ", ".join(sorted(skipped)))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if args.overlays:
-        try:
-            n = write_overlays(pairs, args.overlays, args.pred_labels, args.labels)
-        except (DataError, OSError) as err:
-            error(f"overlays: {err}")
-            return 1
-        print(f"wrote {n} overlay(s) to {args.overlays}")
+    if args.overlays and overlays:
+        print(f"wrote {len(overlays)} overlay(s) to {args.overlays}")
+    elif args.overlays:
+        log.warning("no overlays: no reference belongs to a BraTS or MSD case with its images")
 
     if client is not None:
         try:
