@@ -84,7 +84,8 @@ log = logging.getLogger(__name__)
 
 
 def tracking_uri(given: str | None) -> str:
-    """``--tracking-uri``, else the project's default (``tumorseg.tracking``)."""
+    """A ``--tracking-uri`` value, else the project's default (``tumorseg.tracking``); the
+    one rule of ``tumorseg-report`` and ``tumorseg-evaluate``."""
     from tumorseg.tracking import default_tracking_uri
 
     return given or default_tracking_uri()

@@ -314,18 +314,6 @@ def save_boxplot(df: pd.DataFrame, path: Path) -> None:
 # ---------------------------------------------------------------- tables and files
 
 
-def case_rows(
-    case_id: str,
-    pred: np.ndarray,
-    ref: np.ndarray,
-    spacing,
-    hd95: str = "pooled",
-    nsd_tolerance: float | None = None,
-) -> list[dict]:
-    """Rows of the per-case table (one per region) for one case."""
-    return scored_rows(case_id, pred, ref, spacing, hd95, nsd_tolerance)[0]
-
-
 def scored_rows(
     case_id: str,
     pred: np.ndarray,

@@ -46,6 +46,7 @@ import pandas as pd
 
 from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
+from tumorseg.comparison import tracking_uri
 from tumorseg.data.nifti import MODALITIES, SUFFIXES, find_nifti
 from tumorseg.data.readers import CaseRef, detect_format, list_cases
 from tumorseg.errors import DataError
@@ -304,13 +305,6 @@ def score_all(
 
 
 # ---------------------------------------------------------------- MLflow
-
-
-def tracking_uri(given: str | None) -> str:
-    """``--tracking-uri``, else the project's default (``tumorseg.tracking``)."""
-    from tumorseg.tracking import default_tracking_uri
-
-    return given or default_tracking_uri()
 
 
 def mlflow_client(run_id: str, uri: str) -> MlflowClient:
