@@ -603,3 +603,15 @@ def test_cli_bad_flair_for_overlays_writes_nothing(tmp_path, problem, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"tumorseg-evaluate: error: {flair.parent}")
     assert not out.parent.exists() and not (tmp_path / "overlays").exists()
+
+
+def test_cli_overlays_for_the_complete_cases_of_an_incomplete_data_set(tmp_path):
+    """One case folder holds only its segmentation, so the data set does not list as a whole;
+    the case folder that has its images still gets its overlay."""
+    cid, conv = write_layout(tmp_path, "brats2023 case folders")
+    brats_case(tmp_path / "ref", "BraTS-GLI-00009-000", conv, None, images=False)
+    save(tmp_path / "pred" / "BraTS-GLI-00009-000.nii.gz", FROM_CANONICAL[conv][tumour(1)])
+    code, out = evaluate(tmp_path, tmp_path / "ref", "--overlays", str(tmp_path / "overlays"))
+    assert code == 0
+    assert set(pd.read_csv(out).case_id) == {cid, "BraTS-GLI-00009-000"}
+    assert [p.name for p in (tmp_path / "overlays").iterdir()] == [f"{cid}.png"]
