@@ -185,7 +185,7 @@ def test_folder_of_cases_then_evaluate(ckpt, demo_root, tmp_path):
     argv = ["--predictions", out, "--references", root, "--output", csv, "--quiet"]
     assert evaluate_main([str(a) for a in [*argv, "--overlays", overlays]]) == 0
     df = pd.read_csv(csv)
-    assert sorted(df["case_id"].unique()) == cases and len(df) == 3 * len(cases)
+    assert sorted(df["case_id"].unique()) == cases and len(df) == 5 * len(cases)  # 5 regions
     assert df["dice"].between(0, 1).all()
     pngs = sorted(p.name for p in overlays.iterdir())
     assert pngs == [f"{c}.png" for c in cases]
