@@ -129,7 +129,7 @@ def test_realistic_cases_are_hard() -> None:
         assert ((images["t1ce"] >= bright) & far).sum() > 100
         tc, et = np.isin(seg, (1, 4)).sum(), (seg == 4).sum()
         grades.append(et / tc)
-    assert grades[0] > 0.3 and grades[1] < 0.05  # case 7 is lower grade: ET almost absent
+    assert grades[0] > 0.3 and grades[1] < 0.15  # case 7 is lower grade: a small ET focus
 
 
 def test_grades_and_satellites() -> None:

@@ -349,7 +349,7 @@ def _lesion_brats(
         inner, inner_level = core, 0.0
         if rng.random() < 0.5:  # a small enhancing focus somewhere in the core
             spot = offset + rng.normal(0, 0.2 * core_level * radius, 3)
-            small = radii * core_level * rng.uniform(0.15, 0.35)
+            small = radii * core_level * rng.uniform(0.3, 0.5)
             inner = _ellipsoid(lo, hi, spot, rot, np.maximum(small, 1.5)) * np.exp(-0.2 * bumps)
             inner_level = 1.0
     else:
