@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import run_train
+from tests.multirun import fail_in_rank, mlflow_runs, multirun
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 TINY = ["debug=tiny", "test=false", "trainer.max_epochs=1"]
@@ -80,3 +81,27 @@ def test_optuna_sweep_of_ddp_trials(tmp_path, demo_root):
     runs = training_runs(tmp_path)
     assert [r.data.tags["optuna_trial"] for r in runs] == ["0", "1"]
     assert [t.user_attrs["mlflow_run_id"] for t in trials] == [r.info.run_id for r in runs]
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_whose_rank_fails_fails_alone(tmp_path, demo_root):
+    """Rank 1 of trial 0 raises. Lightning then SIGKILLs the process that started the ranks:
+    the trial's own, not the sweeper's, so trial 0 is FAIL, its run FAILED, and trial 1 runs."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    res = multirun(
+        tmp_path,
+        demo_root,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={url}",
+        *DDP,
+        fail_in_rank(1, trials=[0]),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = optuna.load_study(study_name="tumorseg-unet", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    runs = {r.data.tags.get("optuna_trial"): r for r in mlflow_runs(tmp_path)}
+    runs.pop(None)  # the study's parent run
+    assert sorted(runs) == ["0", "1"]
+    assert runs["0"].info.status == "FAILED" and runs["0"].data.tags["optuna_state"] == "FAIL"
+    assert runs["1"].info.status == "FINISHED" and "val/dice_mean" in runs["1"].data.metrics

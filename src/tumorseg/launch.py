@@ -12,6 +12,11 @@ next job of the multirun launches children of its own and builds a group with th
 Processes started by a cluster (``srun``, ``torchrun``: ``LOCAL_RANK`` set from the start) are
 left alone: each of them runs the command line, which there is one job.
 
+When one of those children exits non-zero, Lightning SIGKILLs the process that started them
+(so that rank 0 does not hang in a collective). In a sweep that process must be the job's own,
+not the sweeper's: the Optuna sweeper runs each trial whose trainer starts children
+(:func:`starts_children`) in a fresh process, so a crashed rank fails only its trial.
+
 **Devices.** A parallel sweep gives each job its own devices: the job's process starts with
 ``CUDA_VISIBLE_DEVICES`` and ``TUMORSEG_DEVICES`` (the same indices, readable on any machine)
 set; :func:`devices_tag` reports them as the run's ``devices`` tag.
@@ -70,6 +75,30 @@ def ddp_job(config: Mapping[str, Any], run_dir: str | Path) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def starts_children(trainer: Mapping[str, Any]) -> bool:
+    """Whether Lightning starts more processes for ``trainer`` (its config) by re-running the
+    command line: a DDP-like strategy (``ddp``, ``auto``, ``fsdp``; not ``ddp_spawn``,
+    ``ddp_fork`` or ``single_device``) on more than one device, or on ``auto``/``-1`` devices
+    of an accelerator other than the CPU."""
+    strategy = trainer.get("strategy") or "auto"
+    if isinstance(strategy, Mapping):
+        strategy = strategy.get("_target_", "")
+    strategy = str(strategy).lower()
+    if any(word in strategy for word in ("spawn", "fork", "notebook", "single")):
+        return False
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip() in ("auto", "-1"):
+        return str(trainer.get("accelerator", "auto")) != "cpu"
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) > 1
+    try:
+        return int(devices) > 1
+    except (TypeError, ValueError):  # a form not known here: assume it may
+        return True
 
 
 def ddp_child_config() -> dict[str, Any] | None:

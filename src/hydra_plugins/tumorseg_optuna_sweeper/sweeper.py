@@ -9,10 +9,13 @@ and the sweep goes on.
 ``n_trials`` is the size of the study, not of this run: a rerun (or a second worker on the same
 storage) only runs what is missing, counting finished and running trials. A trial is reserved
 (the study counted and the trial created) under the study's lock, so workers sharing a storage
-never run more than ``n_trials`` between them. ``n_jobs > 1`` or a
-device pool (``devices``, ``devices_per_trial``) with Hydra's basic launcher runs trials at once,
-each in a fresh spawned process on its own devices (:mod:`.pool`); with another launcher
-(joblib, submitit) trials go to it in batches of ``n_jobs``.
+never run more than ``n_trials`` between them. ``n_jobs > 1`` or a device pool (``devices``,
+``devices_per_trial``) with Hydra's basic launcher runs trials at once, each in a fresh spawned
+process on its own devices (:mod:`.pool`); with another launcher (joblib, submitit) trials go to
+it in batches of ``n_jobs``. Trials whose trainer starts DDP ranks by re-running the command line
+(``trainer=ddp`` on several devices) run in fresh processes even one at a time: when a rank
+fails, Lightning SIGKILLs the process that started the ranks, which must be the trial's, not the
+sweeper's.
 
 Workers on other machines: with ``heartbeat_interval`` set, this sweeper records a heartbeat for
 each trial it runs, and fails the trials of workers that stopped beating for ``grace_period``
@@ -325,7 +328,7 @@ class OptunaSweeper(Sweeper):
             self.heartbeat = _Heartbeat(study._storage, self.heartbeat_interval)
         try:
             while True:
-                if basic and (pool is not None or self.n_jobs > 1):
+                if basic and (pool is not None or self.n_jobs > 1 or self._starts_ranks()):
                     self._run_processes(study, pool)
                 else:
                     self._run_batches(study)
@@ -336,6 +339,18 @@ class OptunaSweeper(Sweeper):
                 self.heartbeat.stop()
             self._report(study, sweep_dir)
         return [t for t in study.get_trials() if t.number not in before]
+
+    def _starts_ranks(self) -> bool:
+        """Whether the trials' trainer starts DDP ranks of its own (see the module doc)."""
+        from tumorseg.launch import starts_children
+
+        keys = ("strategy", "accelerator", "devices")
+        trainer = {k: OmegaConf.select(self.config, f"trainer.{k}") for k in keys}
+        if isinstance(trainer["strategy"], DictConfig):
+            trainer["strategy"] = OmegaConf.select(self.config, "trainer.strategy._target_")
+        if isinstance(trainer["devices"], ListConfig):
+            trainer["devices"] = list(trainer["devices"])
+        return starts_children({k: v for k, v in trainer.items() if v is not None})
 
     def _device_pool(self, basic: bool) -> DevicePool | None:
         """The pool of ``devices`` (``auto``: every visible GPU, for jobs not on the CPU)."""

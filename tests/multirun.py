@@ -1,0 +1,84 @@
+"""Multiruns of ``train.py`` as the tests run them: tiny jobs in a subprocess, MLflow in a SQLite
+file under the test's folder, and a callback that fails a job in one DDP rank only."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT
+
+TINY = ["debug=tiny", "test=false", "trainer.max_epochs=1"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def train(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python train.py ARGS`` from ``cwd`` in a session of its own. Its output goes to files,
+    not pipes, so it returns when train.py exits, even where a DDP rank outlives it; whatever
+    of that session still runs then is killed."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    out, err = cwd / "train.stdout", cwd / "train.stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True
+        )
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(), err.read_text())
+
+
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def multirun(
+    tmp_path: Path, demo_root: Path, *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``python train.py -m ARGS`` on the demo data, tiny, logging to ``tracking_uri``."""
+    common = [
+        *TINY,
+        f"data.root={demo_root}",
+        f"logger.mlflow.tracking_uri={tracking_uri(tmp_path)}",
+    ]
+    return train(tmp_path, "-m", *common, *args, timeout=timeout)
+
+
+def mlflow_runs(tmp_path: Path, query: str = "") -> list[Any]:
+    """The runs in ``tracking_uri``'s experiment ``tumorseg``, oldest first."""
+    client = MlflowClient(tracking_uri=tracking_uri(tmp_path))
+    exp = client.get_experiment_by_name("tumorseg")
+    return client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time ASC"])
+
+
+def fail_in_rank(rank: int, trials: list[int]) -> str:
+    """Override adding :class:`FailInRank` to an Optuna sweep's jobs."""
+    target = f"{__name__}.FailInRank"
+    return (
+        f"++callbacks.fail_in_rank={{_target_:{target},rank:{rank},"
+        f"trials:{trials},trial:${{tags.optuna_trial}}}}"
+    )
+
+
+class FailInRank(L.Callback):
+    """Raises when training starts, in DDP rank ``rank`` only, if ``trial`` is in ``trials``."""
+
+    def __init__(self, rank: int, trials: list[int], trial: int) -> None:
+        self.rank, self.trials, self.trial = rank, list(trials), int(trial)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank == self.rank and self.trial in self.trials:
+            raise RuntimeError(f"trial {self.trial} fails in rank {self.rank}")
