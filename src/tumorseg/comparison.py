@@ -83,14 +83,6 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- reading MLflow
 
 
-def tracking_uri(given: str | None) -> str:
-    """A ``--tracking-uri`` value, else the project's default (``tumorseg.tracking``); the
-    one rule of ``tumorseg-report`` and ``tumorseg-evaluate``."""
-    from tumorseg.tracking import default_tracking_uri
-
-    return given or default_tracking_uri()
-
-
 def open_client(uri: str) -> MlflowClient:
     """Client for ``uri``; DataError for a SQLite file that does not exist (never creates one)."""
     # imported here: mlflow is slow to import

@@ -50,6 +50,12 @@ def default_tracking_uri(root: str | Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(root)
 
 
+def tracking_uri(given: str | None) -> str:
+    """A ``--tracking-uri`` value, else ``default_tracking_uri()``: the one rule of
+    ``tumorseg-evaluate`` and ``tumorseg-report``."""
+    return given or default_tracking_uri()
+
+
 def tracking_target(
     tracking_uri: str | None = None, root: str | Path | None = None
 ) -> tuple[str, str | None]:

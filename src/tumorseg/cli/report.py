@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
-from tumorseg.comparison import build_report, log_report, open_client, tracking_uri, write_files
+from tumorseg.comparison import build_report, log_report, open_client, write_files
 from tumorseg.errors import DataError, first_line
 
 PROG = "tumorseg-report"
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(args, int):
         return args
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    # imported here: tumorseg.tracking imports Lightning, slow and not needed otherwise
+    from tumorseg.tracking import tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     try:
