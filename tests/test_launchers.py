@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import run_train
+from tests.multirun import mlflow_runs, multirun
 from tumorseg.config import CONF_DIR
 
 needs_submitit = pytest.mark.skipif(
@@ -69,3 +70,50 @@ def test_optuna_trials_as_submitit_jobs_are_pruned_through_the_storage(tmp_path,
     runs = client.search_runs([exp.experiment_id], "tags.optuna_state = 'PRUNED'")
     assert sorted(r.data.tags["optuna_trial"] for r in runs) == ["0", "1"]
     assert all(r.info.status == "KILLED" for r in runs)
+
+
+needs_joblib = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None,
+    reason='the launcher plugins are an extra: pip install -e ".[cluster]"',
+)
+JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+
+
+@needs_joblib
+@pytest.mark.slow
+def test_plain_multirun_under_joblib_runs_the_jobs_of_one_sweep_at_once(tmp_path, demo_root):
+    res = multirun(tmp_path, demo_root, "model=unet,attention_unet", *JOBLIB)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = mlflow_runs(tmp_path)
+    assert sorted(r.data.tags["variant"] for r in runs) == ["attention_unet", "unet"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    (sweep,) = (tmp_path / "outputs" / "multiruns").iterdir()
+    assert {r.data.tags["sweep"] for r in runs} == {str(sweep)}
+    assert sorted(r.data.tags["sweep_job"] for r in runs) == ["0", "1"]
+    a, b = (r.info for r in runs)
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # two joblib workers
+
+
+@needs_joblib
+@pytest.mark.slow
+def test_optuna_trials_go_to_joblib_in_batches(tmp_path, demo_root):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    res = multirun(
+        tmp_path,
+        demo_root,
+        "hparams_search=optuna",
+        f"hydra.sweeper.storage={url}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",  # one batch of two jobs
+        *JOBLIB,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "is launching 2 jobs" in res.stdout + res.stderr  # joblib ran the batch
+    trials = optuna.load_study(study_name="tumorseg-unet", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    runs = {r.info.run_id: r for r in mlflow_runs(tmp_path, "tags.optuna_state = 'COMPLETE'")}
+    for t in trials:  # each job found its trial through the storage and recorded its run
+        run = runs.pop(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["optuna_trial"] == str(t.number)
+        assert run.data.metrics["val/dice_mean"] == pytest.approx(t.value)
+    assert not runs

@@ -20,6 +20,10 @@ not the sweeper's: the Optuna sweeper runs each trial whose trainer starts child
 **Devices.** A parallel sweep gives each job its own devices: the job's process starts with
 ``CUDA_VISIBLE_DEVICES`` and ``TUMORSEG_DEVICES`` (the same indices, readable on any machine)
 set; :func:`devices_tag` reports them as the run's ``devices`` tag.
+
+**The local MLflow store.** Jobs that start at once (the pool, joblib, ``submitit_local``) on a
+fresh SQLite store race on its schema (``duplicate column name``): :class:`TrackingStore`, a Hydra
+callback of every multirun (``conf/hydra/default.yaml``), creates the store before any job starts.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,27 @@ DDP_JOB_ENV = "TUMORSEG_DDP_JOB"
 POOL_ENV = "TUMORSEG_DEVICES"
 # what Lightning's launcher sets in the parent's environment while it starts the children
 DDP_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", DDP_JOB_ENV)
+
+
+def prepare_tracking(config: DictConfig) -> None:
+    """Create the local MLflow store (SQLite) that ``config``'s runs log to, if they do."""
+    mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
+    if not mlflow_cfg:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from tumorseg.tracking import tracking_target
+
+    uri, _ = tracking_target(mlflow_cfg.get("tracking_uri"), mlflow_cfg.get("root_dir"))
+    if uri.startswith("sqlite:"):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+class TrackingStore(Callback):
+    """Before a multirun's jobs start: the local MLflow store exists (see the module doc)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        prepare_tracking(config)
 
 
 def external_ranks() -> bool:

@@ -72,20 +72,6 @@ class PoolLauncher(Launcher):
         devices = visible_devices(self.devices)
         return DevicePool(devices, self.devices_per_job) if devices else None
 
-    def prepare_tracking(self) -> None:
-        """Create a local MLflow store before the jobs start: jobs creating a fresh SQLite
-        store at once race on its schema migrations."""
-        mlflow_cfg = OmegaConf.select(self.config, "logger.mlflow")
-        if not mlflow_cfg:
-            return
-        from mlflow.tracking import MlflowClient
-
-        from tumorseg.sweep import tracking_target
-
-        uri, _ = tracking_target(OmegaConf.to_container(mlflow_cfg, resolve=True))
-        if uri.startswith("sqlite:"):
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
@@ -98,8 +84,10 @@ class PoolLauncher(Launcher):
             n_jobs = min(n_jobs, pool.slots)
         where = f" on devices {pool.devices}, {pool.per_job} per job" if pool else ""
         log.info(f"Launching {len(job_overrides)} jobs, {n_jobs} at a time{where}")
-        if n_jobs > 1:
-            self.prepare_tracking()
+        if n_jobs > 1:  # as the TrackingStore callback does, for configs without it
+            from tumorseg.launch import prepare_tracking
+
+            prepare_tracking(self.config)
         args = (self.hydra_context, self.config, self.task_function, n_jobs, pool)
         pending = list(enumerate(job_overrides))
         results: dict[int, JobResult] = {}
