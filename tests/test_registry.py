@@ -1,6 +1,8 @@
 """Models in MLflow: a training run logs its best checkpoint as an MLflow model and registers
 it; tumorseg-predict finds the checkpoint again from ``--run``, ``runs:/`` and ``models:/``
-URIs without running code from the store; a study's best trial becomes ``@champion``.
+URIs without running code from the store; a study's best trial becomes ``@champion``; the
+model loaded by ``mlflow.pyfunc.load_model`` also segments case folders given as paths, as
+tumorseg-predict does.
 
 One tiny run is trained into a real local store (SQLite + artifact folder) and shared.
 """
@@ -15,13 +17,17 @@ import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
 from tests.conftest import compose_tiny
 from tumorseg.cli.predict import main as predict_main
 from tumorseg.cli.register import main as register_main
 from tumorseg.data.nifti import MODALITIES, Case
 from tumorseg.data.readers import BRATS_AFFINE, list_cases
+from tumorseg.errors import DataError
 from tumorseg.inference import load_for_inference, predict_case
+from tumorseg.labels import to_canonical
 from tumorseg.registry import using
 from tumorseg.train import run
 
@@ -120,6 +126,61 @@ def test_pyfunc_predicts_through_the_project_inference(trained, small_case):
     assert got.dtype == np.uint8 and got.shape == case.image.shape[1:]
     assert len(np.unique(want)) > 1, "the net predicts one label only: nothing to compare"
     assert np.array_equal(got, want)
+
+
+def reoriented_case(small_case: Path, folder: Path, naming: str) -> Path:
+    """``small_case`` stored in another orientation (axes S, R, A instead of the BraTS L, P, S:
+    the slices lie along what was the z axis), same physical image, as a case folder in the
+    BraTS 2020 (``ID_flair``) or 2023 (``ID-t2f``) naming."""
+    names = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}
+    folder.mkdir(parents=True)
+    for mod in MODALITIES:
+        img = nib.load(small_case / f"small_{mod}.nii.gz")
+        to = ornt_transform(io_orientation(img.affine), axcodes2ornt(("S", "R", "A")))
+        out = img.as_reoriented(to)
+        name = f"{folder.name}-{names[mod]}" if naming == "brats2023" else f"{folder.name}_{mod}"
+        nib.save(out, folder / f"{name}.nii.gz")
+    return folder
+
+
+def test_pyfunc_predicts_from_case_folders_as_tumorseg_predict_does(trained, small_case, tmp_path):
+    """The model loaded by mlflow.pyfunc.load_model segments case folders given as paths (BraTS
+    2020 and 2023 naming, stored in another orientation than BraTS's): each case's labels equal
+    tumorseg-predict's output file on that case, voxel for voxel. The wrapper's own predict
+    refuses a path (the logged tensor signature), which is why the model object is used."""
+    cases = {
+        naming: reoriented_case(small_case, tmp_path / naming / f"case{i}", naming)
+        for i, naming in enumerate(("brats2020", "brats2023"))
+    }
+    want = {}
+    for naming, folder in cases.items():
+        out = tmp_path / f"{naming}.nii.gz"
+        assert predict(["--checkpoint", str(trained["ckpt"])], folder, out, trained["uri"]) == 0
+        want[naming] = to_canonical(labels(out), naming)
+        assert want[naming].shape == (40, 240, 240)  # the case's own (S, R, A) grid
+        assert len(np.unique(want[naming])) > 1, "one label only: nothing to compare"
+    with using(trained["uri"]):
+        model = mlflow.pyfunc.load_model(f"runs:/{trained['run_id']}/model")
+    with pytest.raises(MlflowException, match="tensor-based model signature"):
+        model.predict(str(cases["brats2020"]))
+    segmenter = model.unwrap_python_model()
+    got = segmenter.predict(str(cases["brats2020"]))
+    assert got.dtype == np.uint8 and np.array_equal(got, want["brats2020"])
+    both = segmenter.predict([cases["brats2020"], str(cases["brats2023"])])
+    assert isinstance(both, list) and len(both) == 2
+    for labels_of_case, naming in zip(both, cases, strict=True):
+        assert np.array_equal(labels_of_case, want[naming]), naming
+
+
+def test_model_object_refuses_a_path_that_is_no_case_in_one_line(trained, tmp_path):
+    with using(trained["uri"]):
+        segmenter = mlflow.pyfunc.load_model(f"runs:/{trained['run_id']}/model")
+    segmenter = segmenter.unwrap_python_model()
+    for bad, message in ((tmp_path / "nowhere", "no such file"), (tmp_path, "not a BraTS case")):
+        with pytest.raises(DataError) as err:
+            segmenter.predict(str(bad))
+        assert str(err.value).startswith(str(bad)) and message in str(err.value)
+        assert len(str(err.value).splitlines()) == 1
 
 
 def test_predict_from_run_and_model_uris_equals_the_checkpoint(trained, small_case, tmp_path):

@@ -52,7 +52,8 @@ def pinned_requirements() -> list[str]:
 
 
 def signature() -> Any:
-    """Tensor signature: one ``(4, X, Y, Z)`` float32 volume in, ``(X, Y, Z)`` uint8 out."""
+    """Tensor signature: one ``(4, X, Y, Z)`` float32 volume in, ``(X, Y, Z)`` uint8 out (case
+    paths, which it cannot describe, go to the model object: ``tumorseg.mlflow_model``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
