@@ -354,7 +354,7 @@ def _lesion_brats(
             inner_level = 1.0
     else:
         core_level = rng.uniform(0.45, 0.8)
-        inner, inner_level = core, core_level * rng.uniform(0.45, 0.85)
+        inner, inner_level = core, core_level * rng.uniform(0.3, 0.65)
         if rng.random() < 0.25 and core_level * radius < 12:  # small cores may be solid
             inner_level = 0.0
 
