@@ -6,22 +6,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import run_train
-from tests.multirun import fail_in_rank, mlflow_runs, multirun
-
-DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
-TINY = ["debug=tiny", "test=false", "trainer.max_epochs=1"]
-
-
-def common(tmp_path: Path, demo_root: Path) -> list[str]:
-    return [*DDP, *TINY, f"data.root={demo_root}", f"logger.mlflow.tracking_uri={store(tmp_path)}"]
-
-
-def store(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+from tests.multirun import DDP, fail_in_rank, mlflow_runs, multirun
 
 
 def check_processes(tmp_path: Path, stderr: str) -> list[Path]:
@@ -40,10 +27,7 @@ def check_processes(tmp_path: Path, stderr: str) -> list[Path]:
 
 
 def training_runs(tmp_path: Path) -> list:
-    client = MlflowClient(tracking_uri=store(tmp_path))
-    exp = client.get_experiment_by_name("tumorseg")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    runs = [r for r in runs if r.data.tags.get("optuna_parent") != "true"]
+    runs = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("optuna_parent") != "true"]
     for r in runs:
         assert r.info.status == "FINISHED"
         assert "val/dice_mean" in r.data.metrics
@@ -53,7 +37,7 @@ def training_runs(tmp_path: Path) -> list:
 
 @pytest.mark.slow
 def test_plain_multirun_of_ddp_jobs(tmp_path, demo_root):
-    res = run_train(tmp_path, "-m", "model=unet,attention_unet", *common(tmp_path, demo_root))
+    res = multirun(tmp_path, demo_root, "model=unet,attention_unet", *DDP)
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = check_processes(tmp_path, res.stderr)
     runs = training_runs(tmp_path)
@@ -65,13 +49,13 @@ def test_plain_multirun_of_ddp_jobs(tmp_path, demo_root):
 @pytest.mark.slow
 def test_optuna_sweep_of_ddp_trials(tmp_path, demo_root):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = run_train(
+    res = multirun(
         tmp_path,
-        "-m",
+        demo_root,
         "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
         f"hydra.sweeper.storage={url}",
-        *common(tmp_path, demo_root),
+        *DDP,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     check_processes(tmp_path, res.stderr)

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from hydra_plugins.tumorseg_optuna_sweeper.pool import DevicePool, visible_devices
-from tests.conftest import run_train
+from tests.multirun import mlflow_runs, multirun
 
-TINY = ["debug=tiny", "test=false", "trainer.max_epochs=1"]
 # the job's own environment, read in the job's process when its config resolves
 RECORD = "++tags.cuda_visible_devices=${oc.env:CUDA_VISIBLE_DEVICES,unset}"
 
@@ -50,9 +48,7 @@ def test_visible_devices(monkeypatch):
 
 
 def runs_by_trial(tmp_path: Path) -> dict[int, object]:
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("tumorseg")
-    runs = client.search_runs([exp.experiment_id])
+    runs = mlflow_runs(tmp_path)
     return {int(r.data.tags["optuna_trial"]): r for r in runs if "optuna_trial" in r.data.tags}
 
 
@@ -60,13 +56,10 @@ def runs_by_trial(tmp_path: Path) -> dict[int, object]:
 def test_parallel_trials_never_share_a_device(tmp_path, demo_root):
     """4 stand-in devices, 2 per trial: 2 trials at a time, 3 trials (one fails)."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = run_train(
+    res = multirun(
         tmp_path,
-        "-m",
+        demo_root,
         "hparams_search=optuna",
-        *TINY,
-        f"data.root={demo_root}",
-        f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"hydra.sweeper.storage={url}",
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.devices=[0,1,2,3]",
@@ -76,7 +69,6 @@ def test_parallel_trials_never_share_a_device(tmp_path, demo_root):
         "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
         "model.optimizer.lr=choice(0.003,0.001,inf)",  # inf: NaN loss, the trial fails
         RECORD,
-        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     trials = optuna.load_study(study_name="tumorseg-unet", storage=url).trials
@@ -117,22 +109,16 @@ def test_parallel_trials_never_share_a_device(tmp_path, demo_root):
 @pytest.mark.slow
 def test_plain_multirun_on_the_pool(tmp_path, demo_root):
     """The tumorseg_pool launcher: 3 jobs, 2 stand-in devices, one each."""
-    res = run_train(
+    res = multirun(
         tmp_path,
-        "-m",
+        demo_root,
         "model=unet,attention_unet,residual_unet",
-        *TINY,
-        f"data.root={demo_root}",
-        f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "hydra/launcher=tumorseg_pool",
         "hydra.launcher.devices=[0,1]",
         RECORD,
-        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("tumorseg")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = mlflow_runs(tmp_path)
     assert sorted(r.data.tags["variant"] for r in runs) == [
         "attention_unet",
         "residual_unet",

@@ -7,10 +7,8 @@ import importlib.util
 import optuna
 import pytest
 from hydra import compose, initialize_config_dir
-from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import run_train
 from tests.multirun import mlflow_runs, multirun
 from tumorseg.config import CONF_DIR
 
@@ -42,14 +40,10 @@ def test_slurm_launcher_config_composes():
 @pytest.mark.slow
 def test_optuna_trials_as_submitit_jobs_are_pruned_through_the_storage(tmp_path, demo_root):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = run_train(
+    res = multirun(
         tmp_path,
-        "-m",
+        demo_root,
         "hparams_search=optuna",
-        "debug=tiny",
-        "test=false",
-        f"data.root={demo_root}",
-        f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         f"hydra.sweeper.storage={url}",
         "hydra/launcher=submitit_local",
         "hydra.sweeper.n_trials=2",
@@ -65,9 +59,7 @@ def test_optuna_trials_as_submitit_jobs_are_pruned_through_the_storage(tmp_path,
     jobs = list((tmp_path / "outputs" / "multiruns").glob("*/.submitit/*/*_result.pkl"))
     assert len(jobs) == 2  # two submitit jobs
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("tumorseg")
-    runs = client.search_runs([exp.experiment_id], "tags.optuna_state = 'PRUNED'")
+    runs = mlflow_runs(tmp_path, "tags.optuna_state = 'PRUNED'")
     assert sorted(r.data.tags["optuna_trial"] for r in runs) == ["0", "1"]
     assert all(r.info.status == "KILLED" for r in runs)
 
