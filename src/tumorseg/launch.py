@@ -23,7 +23,8 @@ set; :func:`devices_tag` reports them as the run's ``devices`` tag.
 
 **The local MLflow store.** Jobs that start at once (the pool, joblib, ``submitit_local``) on a
 fresh SQLite store race on its schema (``duplicate column name``): :class:`TrackingStore`, a Hydra
-callback of every multirun (``conf/hydra/default.yaml``), creates the store before any job starts.
+callback of every multirun (``conf/hydra/default.yaml``), creates the store before any job starts,
+under a lock on its folder, so that sweeps started together do not race on it either.
 """
 
 from __future__ import annotations
@@ -48,17 +49,41 @@ DDP_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"
 
 
 def prepare_tracking(config: DictConfig) -> None:
-    """Create the local MLflow store (SQLite) that ``config``'s runs log to, if they do."""
+    """Create the local MLflow store (SQLite) that ``config``'s runs log to, if they do. Under
+    a lock on the store's folder, so multiruns started together create it one after the other
+    and none goes on while another is half-way through."""
     mlflow_cfg = OmegaConf.select(config, "logger.mlflow")
     if not mlflow_cfg:
         return
     from mlflow.tracking import MlflowClient
+    from sqlalchemy.engine import make_url
 
     from tumorseg.tracking import tracking_target
 
     uri, _ = tracking_target(mlflow_cfg.get("tracking_uri"), mlflow_cfg.get("root_dir"))
-    if uri.startswith("sqlite:"):
+    database = make_url(uri).database if uri.startswith("sqlite:") else None
+    if not database or database == ":memory:":
+        return
+    folder = Path(database).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(folder):
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``folder`` (none where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 class TrackingStore(Callback):
