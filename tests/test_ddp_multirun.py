@@ -9,6 +9,16 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.multirun import DDP, fail_in_rank, mlflow_runs, multirun
+from tumorseg.launch import starts_children
+
+
+def test_which_trainers_start_ranks_by_rerunning_the_command_line():
+    assert starts_children({"strategy": "ddp", "accelerator": "cpu", "devices": 2})
+    assert starts_children({"accelerator": "gpu", "devices": [0, 1]})  # strategy auto: ddp
+    assert starts_children({"accelerator": "gpu", "devices": "auto"})  # maybe several GPUs
+    assert not starts_children({"strategy": "ddp", "devices": 1})
+    assert not starts_children({"strategy": "ddp_spawn", "devices": 2})  # multiprocessing
+    assert not starts_children({"accelerator": "cpu", "devices": "auto"})  # one process
 
 
 def check_processes(tmp_path: Path, stderr: str) -> list[Path]:
