@@ -357,3 +357,44 @@ def test_checkpoint_with_an_object_is_refused(trained, demo_root, tmp_path, caps
     assert len(err) == 1 and "handed.ckpt" in err[0] and "argparse.Namespace" in err[0]
     assert "--trust-checkpoint" in err[0]
     assert predict_main([*args, "--trust-checkpoint"]) == 0 and out.exists()
+
+
+def unreadable_checkpoint(kind: str, real: Path, folder: Path) -> Path:
+    """A file that is no checkpoint: text, random bytes, or a real checkpoint cut in half."""
+    path = folder / f"{kind}.ckpt"
+    if kind == "text":
+        path.write_bytes(b"garbage\n")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        data = real.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["text", "random", "truncated"])
+@pytest.mark.parametrize("prog", ["predict", "export"])
+def test_unreadable_checkpoint_is_named_not_taken_for_code(
+    trained, demo_root, tmp_path, capsys, kind, prog
+):
+    """A file that is not a readable checkpoint says so in one line; it is not refused as a
+    checkpoint holding code, and --trust-checkpoint is not offered."""
+    from tumorseg.cli.export import main as export_main
+
+    bad = unreadable_checkpoint(kind, trained["ckpt"], tmp_path)
+    if prog == "predict":
+        out = tmp_path / "seg.nii.gz"
+        case = demo_root / "BraTS20_Training_001"
+        code = predict_main(
+            ["--checkpoint", str(bad), "--input", str(case), "--output", str(out), "--quiet"]
+        )
+    else:
+        out = tmp_path / "net.onnx"
+        code = export_main(["--checkpoint", str(bad), "--output", str(out)])
+    assert code == 2 and not out.exists()
+    assert list(tmp_path.iterdir()) == [bad]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{bad.name}:" in err[0]
+    expected = "truncated checkpoint" if kind == "truncated" else "not a PyTorch checkpoint"
+    assert expected in err[0]
+    assert "trust-checkpoint" not in err[0] and "run as code" not in err[0]
