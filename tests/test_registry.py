@@ -261,3 +261,40 @@ def test_study_best_trial_is_registered_as_champion(trained, capsys):
     assert champion.run_id == run_id
     assert register_main(["--study", run_id, "--name", "x", "--tracking-uri", uri]) == 2
     assert "no best_trial" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["predict", "--run", "deadbeef"],
+        ["predict", "--model", "runs:/deadbeef/model"],
+        ["export", "--run", "deadbeef"],
+        ["register", "--run", "deadbeef", "--name", "x"],
+        ["register", "--study", "deadbeef", "--name", "x"],
+    ],
+)
+def test_store_that_does_not_exist_is_one_line_and_not_created(demo_root, tmp_path, capfd, args):
+    """A --tracking-uri naming a SQLite file that does not exist is refused in one line naming
+    the store; opening it would create an empty store (and print MLflow's table creation)."""
+    from tumorseg.cli.export import main as export_main
+
+    store = tmp_path / "mlflow" / "m.db"
+    store.parent.mkdir()
+    uri = f"sqlite:///{store}"
+    prog, *rest = args
+    rest += ["--tracking-uri", uri]
+    if prog == "predict":
+        out = tmp_path / "seg.nii.gz"
+        rest += ["--input", str(demo_root / "BraTS20_Training_001"), "--output", str(out)]
+        code = predict_main([*rest, "--quiet"])
+    elif prog == "export":
+        code = export_main([*rest, "--output", str(tmp_path / "net.onnx")])
+    else:
+        code = register_main(rest)
+    assert code == 2
+    assert not store.exists() and [p.name for p in tmp_path.iterdir()] == ["mlflow"]
+    captured = capfd.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"tumorseg-{prog}: error: MLflow store {uri} does not exist"
+    ]

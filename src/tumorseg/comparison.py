@@ -88,8 +88,9 @@ def open_client(uri: str) -> MlflowClient:
     # imported here: mlflow is slow to import
     from mlflow import MlflowClient
 
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise DataError(f"MLflow store {uri} does not exist")
+    from tumorseg.tracking import require_store
+
+    require_store(uri)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -297,9 +297,9 @@ def mlflow_client(run_id: str, uri: str) -> MlflowClient:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    # a missing SQLite file would be created empty; say it is missing instead
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise DataError(f"MLflow store {uri} does not exist")
+    from tumorseg.tracking import require_store
+
+    require_store(uri)  # a missing SQLite file would be created empty
     client = MlflowClient(tracking_uri=uri)
     try:
         client.get_run(run_id)

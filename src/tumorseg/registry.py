@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from tumorseg.errors import DataError, first_line
+from tumorseg.tracking import require_store
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ def register_run(run_id: str, name: str, tracking_uri: str, alias: str | None = 
     the ``ModelVersion``."""
     from mlflow import MlflowClient
 
+    require_store(tracking_uri)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     model_id = logged_model_id(client, run_id)
     with using(tracking_uri):
@@ -155,6 +157,7 @@ def study_best_run(parent_run_id: str, tracking_uri: str) -> str:
     ``best_trial`` tag, written when the study finished)."""
     from mlflow import MlflowClient
 
+    require_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:
         parent = client.get_run(parent_run_id)
@@ -196,6 +199,7 @@ def checkpoint_from_model(uri: str, tracking_uri: str, dst: Path) -> Path:
     """
     if not uri.startswith(("runs:/", "models:/")):
         raise DataError(f"--model {uri}: expected runs:/<run_id>/model or models:/<name>@<alias>")
+    require_store(tracking_uri)
     folder = download(uri, tracking_uri, dst)
     spec = folder / "MLmodel"
     if not spec.is_file():
@@ -216,6 +220,7 @@ def checkpoint_from_run(run_id: str, tracking_uri: str, dst: Path) -> Path:
     it is the only one), downloaded into ``dst``."""
     from mlflow import MlflowClient
 
+    require_store(tracking_uri)
     client = MlflowClient(tracking_uri)
     try:
         client.get_run(run_id)

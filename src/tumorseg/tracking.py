@@ -80,6 +80,20 @@ def tracking_target(
     return local_store_uri(root), (root / ARTIFACTS_DIR).as_uri()
 
 
+def require_store(tracking_uri: str) -> None:
+    """DataError naming ``tracking_uri`` when it is a SQLite store whose file does not exist:
+    opening it would create an empty store, so tools that only read refuse it instead."""
+    from tumorseg.errors import DataError
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if path in ("", ":memory:"):
+        return
+    if not Path(path).is_file():
+        raise DataError(f"MLflow store {tracking_uri} does not exist")
+
+
 def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
     """Id of experiment ``name``; created when missing (tagged as a model-training experiment).
 
