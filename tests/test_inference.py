@@ -92,8 +92,13 @@ def test_checkpoint_records_the_preprocessing(module):
 
 @pytest.mark.slow
 def test_predict_on_raw_case_equals_test_stage_voxel_for_voxel(trained, demo_root, tmp_path):
-    """The test stage predicts the raw test cases through the same path as tumorseg-predict;
-    with the crop ignored at inference (whole slice resized 240 -> 128), this fails."""
+    """tumorseg-predict's output file for a raw test case equals the test stage's logged
+    prediction for that case voxel for voxel: the command line (reading the case, loading the
+    checkpoint, writing the labels back on the case's grid) adds nothing to the prediction.
+
+    Both call ``inference.predict_case``, so a preprocessing step wrong in it (the crop ignored,
+    say) is wrong in both alike and passes here; test_predict_replays_the_training_crop guards
+    the crop."""
     assert trained["predictions"], "the test stage logged no predictions"
     for case_id, logged in trained["predictions"].items():
         stage = np.asarray(nib.load(logged).dataobj)
