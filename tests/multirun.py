@@ -1,5 +1,6 @@
 """Multiruns of ``train.py`` as the tests run them: tiny jobs in a subprocess, MLflow in a SQLite
-file under the test's folder, and a callback that fails a job in one DDP rank only."""
+file under the test's folder, callbacks that fail a job in one DDP rank only or kill a trial's
+process, and a trainer that stands in for one on several devices."""
 
 from __future__ import annotations
 
@@ -82,3 +83,35 @@ class FailInRank(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank == self.rank and self.trial in self.trials:
             raise RuntimeError(f"trial {self.trial} fails in rank {self.rank}")
+
+
+def kill_in_trials(trials: list[int]) -> str:
+    """Override adding :class:`KillInTrial` to an Optuna sweep's jobs."""
+    target = f"{__name__}.KillInTrial"
+    args = f"trials:{trials},trial:${{tags.optuna_trial}}"
+    return f"++callbacks.kill_in_trial={{_target_:{target},{args}}}"
+
+
+class KillInTrial(L.Callback):
+    """SIGKILLs its own process when training starts, if ``trial`` is in ``trials``: a trial's
+    job process dies without a word, as one killed by the kernel's OOM killer would."""
+
+    def __init__(self, trials: list[int], trial: int) -> None:
+        self.trials, self.trial = list(trials), int(trial)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.trial in self.trials:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ``trainer._target_=`` this: the trainer runs on one CPU process whatever ``devices`` it gets
+STAND_IN_TRAINER = f"trainer._target_={__name__}.stand_in_trainer"
+
+
+def stand_in_trainer(devices: Any = 1, **kwargs: Any) -> L.Trainer:
+    """A trainer on one CPU process, whatever ``devices`` it is given (stand-in device indices
+    are no devices); the run's MLflow tag ``trainer_devices`` records what it was given."""
+    logger = kwargs.get("logger")
+    if logger:
+        logger.tags = {**(logger.tags or {}), "trainer_devices": str(devices)}
+    return L.Trainer(**{**kwargs, "devices": 1})

@@ -1,8 +1,9 @@
 """The device pool of parallel sweeps: each running trial (or multirun job) on its own devices.
 
 No GPU here: a list of device indices stands in for GPUs. Each job records, in its own process,
-the ``CUDA_VISIBLE_DEVICES`` it started with (an MLflow tag resolved from the job's environment)
-and the ``devices`` tag; Optuna records when each trial was asked and told.
+the ``CUDA_VISIBLE_DEVICES`` it started with (an MLflow tag resolved from the job's environment),
+the ``devices`` tag and, for sweeps, the ``devices`` its trainer was given (a stand-in trainer
+that trains on one CPU process); Optuna records when each trial was asked and told.
 """
 
 from itertools import combinations
@@ -10,10 +11,19 @@ from pathlib import Path
 
 import optuna
 import pytest
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from hydra_plugins.tumorseg_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.tumorseg_optuna_sweeper.pool import DevicePool, visible_devices
-from tests.multirun import mlflow_runs, multirun
+from hydra_plugins.tumorseg_optuna_sweeper.sweeper import OptunaSweeper
+from tests.multirun import (
+    STAND_IN_TRAINER,
+    fail_in_rank,
+    kill_in_trials,
+    mlflow_runs,
+    multirun,
+)
 
 # the job's own environment, read in the job's process when its config resolves
 RECORD = "++tags.cuda_visible_devices=${oc.env:CUDA_VISIBLE_DEVICES,unset}"
@@ -47,6 +57,24 @@ def test_visible_devices(monkeypatch):
     assert visible_devices("auto") == []
 
 
+def test_auto_is_the_default_and_a_machine_without_gpus_gets_no_pool(monkeypatch):
+    assert OptunaSweeperConf().devices == "auto"
+    sweeper = OptunaSweeper()
+    assert sweeper.devices == "auto"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible
+    sweeper.config = OmegaConf.create({"trainer": {"accelerator": "auto"}})
+    assert sweeper._device_pool(basic=True) is None
+    assert sweeper._jobs(None) == 1  # one trial at a time
+    sweeper.n_jobs = 3
+    assert sweeper._jobs(None) == 3  # unless n_jobs says otherwise
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    sweeper.n_jobs = None
+    pool = sweeper._device_pool(basic=True)
+    assert pool.devices == ["4", "5"] and sweeper._jobs(pool) == 2  # one trial per GPU
+    sweeper.config = OmegaConf.create({"trainer": {"accelerator": "cpu"}})
+    assert sweeper._device_pool(basic=True) is None  # CPU jobs: no pool
+
+
 def runs_by_trial(tmp_path: Path) -> dict[int, object]:
     runs = mlflow_runs(tmp_path)
     return {int(r.data.tags["optuna_trial"]): r for r in runs if "optuna_trial" in r.data.tags}
@@ -54,27 +82,31 @@ def runs_by_trial(tmp_path: Path) -> dict[int, object]:
 
 @pytest.mark.slow
 def test_parallel_trials_never_share_a_device(tmp_path, demo_root):
-    """4 stand-in devices, 2 per trial: 2 trials at a time, 3 trials (one fails)."""
+    """4 stand-in devices, 2 per trial: 2 trials at a time, 4 trials. Trial 0 raises and trial
+    1's process is SIGKILLed as training starts, so trials 2 and 3 start after both ended."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     res = multirun(
         tmp_path,
         demo_root,
         "hparams_search=optuna",
         f"hydra.sweeper.storage={url}",
-        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_trials=4",
         "hydra.sweeper.devices=[0,1,2,3]",
         "hydra.sweeper.devices_per_trial=2",
-        "hydra.sweeper.devices_key=null",  # stand-ins: the trainer stays on one CPU process
         "hydra.sweeper.params=null",
-        "hydra.sweeper.sampler._target_=optuna.samplers.BruteForceSampler",
-        "model.optimizer.lr=choice(0.003,0.001,inf)",  # inf: NaN loss, the trial fails
+        "model.optimizer.lr=interval(0.001,0.003)",
+        STAND_IN_TRAINER,  # gets ++trainer.devices=2 from the sweeper, trains on one CPU
+        fail_in_rank(0, [0]),
+        kill_in_trials([1]),
         RECORD,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     trials = optuna.load_study(study_name="tumorseg-unet", storage=url).trials
-    assert sorted(t.state.name for t in trials) == ["COMPLETE"] * 2 + ["FAIL"]
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    assert "trial 0 fails in rank 0" in trials[0].user_attrs["fail_reason"]
+    assert "job process died" in trials[1].user_attrs["fail_reason"]
     runs = runs_by_trial(tmp_path)
-    assert sorted(runs) == [0, 1, 2]
+    assert sorted(runs) == [0, 1, 2, 3]
 
     devices = {}
     for t in trials:
@@ -83,6 +115,7 @@ def test_parallel_trials_never_share_a_device(tmp_path, demo_root):
         assert tags["cuda_visible_devices"] == tags["devices"] == t.user_attrs["devices"]
         devices[t.number] = set(tags["devices"].split(","))
         assert len(devices[t.number]) == 2 and devices[t.number] <= {"0", "1", "2", "3"}
+        assert tags["trainer_devices"] == "2"  # and its trainer was given all of them
 
     def interval(t):  # asked before its process started, told after its process ended
         return t.datetime_start, t.datetime_complete
@@ -96,14 +129,14 @@ def test_parallel_trials_never_share_a_device(tmp_path, demo_root):
                 f"trials {a.number} and {b.number} ran at once on {devices[a.number]}"
             )
     assert overlapping >= 1  # trials did run in parallel
-    # devices are reused: each later trial got devices of a trial that had ended, the failed
-    # one's included
-    failed = next(t for t in trials if t.state == TrialState.FAIL)
-    later = [t for t in trials if t.datetime_start > failed.datetime_complete]
-    used = [devices[t.number] for t in trials]
-    assert any(used.count(d) > 1 for d in used)
-    if later:
-        assert any(devices[t.number] == devices[failed.number] for t in later)
+    # devices go back to the pool however a trial ends: a trial started after the failed one
+    # ended got its devices, and one started after the killed one ended got that one's
+    for ended in trials[:2]:
+        later = [t for t in trials if t.datetime_start > ended.datetime_complete]
+        assert later, f"no trial started after trial {ended.number} ended"
+        assert any(devices[t.number] == devices[ended.number] for t in later), (
+            f"trial {ended.number}'s devices {devices[ended.number]} were not used again"
+        )
 
 
 @pytest.mark.slow

@@ -60,10 +60,11 @@ class OptunaSweeperConf:
     callback_key: str = "callbacks.optuna_pruning"
     tags_key: str | None = "tags"  # job config dict of MLflow tags; gets optuna_study/trial
     mlflow: bool = True  # parent run per study, optuna_state tags, plots (needs logger.mlflow)
-    # device pool for parallel trials: auto (every visible GPU, unless trainer.accelerator is
-    # cpu), a list of indices ([0,1,2,3]) or null (no pool). Each running trial gets its own
-    # devices_per_trial of them (CUDA_VISIBLE_DEVICES) and ++<devices_key>=devices_per_trial
-    devices: Any = None
+    # device pool for parallel trials: auto (every visible GPU; no pool where there is none or
+    # trainer.accelerator is cpu), a list of indices ([0,1,2,3]) or null (no pool). Each running
+    # trial gets its own devices_per_trial of them (CUDA_VISIBLE_DEVICES) and
+    # ++<devices_key>=devices_per_trial
+    devices: Any = "auto"
     devices_per_trial: int = 1
     devices_key: str | None = "trainer.devices"
     # with an RDB storage: seconds between heartbeats of running trials; another worker fails

@@ -244,7 +244,7 @@ class OptunaSweeper(Sweeper):
         callback_key: str = "callbacks.optuna_pruning",
         tags_key: str | None = "tags",
         mlflow: bool = True,
-        devices: Any = None,
+        devices: Any = "auto",
         devices_per_trial: int = 1,
         devices_key: str | None = "trainer.devices",
         heartbeat_interval: int | None = None,
@@ -365,7 +365,9 @@ class OptunaSweeper(Sweeper):
                 raise HydraException("hydra.sweeper.devices: an empty list; use null for none")
             return None
         if not basic:
-            log.warning(
+            # a list asked for the pool; auto (the default) only finds GPUs the launcher places
+            say = log.info if self.devices == "auto" else log.warning
+            say(
                 "hydra.sweeper.devices: the %s launcher places jobs itself; no device pool",
                 type(self.launcher).__name__,
             )
