@@ -339,6 +339,14 @@ def test_cli_bad_arguments(args, capsys):
     assert err.startswith("tumorseg-evaluate: error:") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--predictions", "--references"])
+def test_cli_names_the_path_first_for_a_folder_that_is_not_one(tmp_path, flag, capsys):
+    folders = {"--predictions": str(tmp_path), "--references": str(tmp_path), flag: "nope"}
+    assert main([arg for pair in folders.items() for arg in pair]) == 2
+    err = capsys.readouterr().err
+    assert err == f"tumorseg-evaluate: error: nope: not a folder ({flag})\n"
+
+
 def test_cli_logs_to_mlflow(tmp_path, capsys):
     from mlflow import MlflowClient
 
@@ -401,6 +409,9 @@ def write_layout(root: Path, layout: str) -> tuple[str, str]:
     elif layout == "brats2023 segmentation folders":
         cid, conv = "BraTS-GLI-00002-000", "brats2023"
         brats_case(ref, cid, conv, None, images=False)
+    elif layout == "brats2020 flat _seg files":
+        cid, conv = "BraTS20_Training_004", "brats2020"
+        save(ref / f"{cid}_seg.nii.gz", FROM_CANONICAL[conv][tumour()])
     elif layout == "brats2023 flat -seg files":
         cid, conv = "BraTS-GLI-00003-000", "brats2023"
         save(ref / f"{cid}-seg.nii.gz", FROM_CANONICAL[conv][tumour()])
@@ -431,6 +442,7 @@ def write_layout(root: Path, layout: str) -> tuple[str, str]:
         "brats2020 case 355",
         "brats2023 case folders",
         "brats2023 segmentation folders",
+        "brats2020 flat _seg files",
         "brats2023 flat -seg files",
         "msd task",
         "msd labelsTr",

@@ -90,13 +90,13 @@ def build_parser() -> Parser:
 def check_args(args: argparse.Namespace) -> None:
     for flag, folder in (("--predictions", args.predictions), ("--references", args.references)):
         if not folder.is_dir():
-            raise ArgError(f"{flag} {folder} is not a folder")
+            raise ArgError(f"{folder}: not a folder ({flag})")
     if args.output.is_dir():
-        raise ArgError(f"--output {args.output} is a folder")
+        raise ArgError(f"{args.output}: a folder, not a file (--output)")
     if args.nsd_tolerance is not None and not args.nsd_tolerance >= 0:
         raise ArgError(f"--nsd-tolerance {args.nsd_tolerance} must be >= 0 (mm)")
     if args.overlays is not None and args.overlays.exists() and not args.overlays.is_dir():
-        raise ArgError(f"--overlays {args.overlays} is not a folder")
+        raise ArgError(f"{args.overlays}: not a folder (--overlays)")
 
 
 def error(message: str) -> None:
