@@ -42,7 +42,8 @@ Edge cases, as the official evaluator:
   every false lesion adds Dice 0, NSD 0 and HD95 373 to the mean; NaN without reference lesions.
 
 The official reports write an infinite HD95 as 373 mm (the diagonal of the SRI-24 atlas
-volume): :func:`reported` does the same.
+volume): :func:`reported` does the same, and tumorseg applies it to every HD95 it writes
+(``lesion_hd95`` too, where the official ``lesionwise_hd95_mean`` keeps infinity).
 
 Tolerances: by default (``nsd_tolerance=None``) per-lesion NSD uses the smallest voxel spacing
 (1 mm on BraTS data), as panoptica does, and global NSD half of it, which counts only surface

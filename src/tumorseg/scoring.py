@@ -14,7 +14,7 @@ gets no row for it. ``BRATS_REGIONS`` (WT, TC, ET) are the ones averaged into ``
 Empty-mask rules (as BraTS), for each region:
 
 * Dice, IoU: both masks empty -> 1; exactly one empty -> 0.
-* HD95: both empty -> 0; exactly one empty -> 373.13 mm (the diagonal of a BraTS volume).
+* HD95: both empty -> 0; exactly one empty -> 373 mm (``EMPTY_HD95``).
 * Sensitivity: empty reference -> 1 if the prediction is empty too, else 0.
 * Specificity: reference covering the whole volume (no negatives) -> 1.
 
@@ -28,9 +28,14 @@ Lesion-wise columns, NSD and their rules are ``tumorseg.lesions``' (the official
 evaluator's): ``nsd`` (global surface Dice), lesion counts ``lesions_ref``, ``lesions_pred``,
 ``matched``, ``missed``, ``false``, the official lesion-wise score ``lesion_dice``,
 ``lesion_nsd``, ``lesion_hd95`` (mean over matched lesions) and the BraTS 2023 score with
-missed and false lesions as 0 / 373 mm, ``penalised_*``. Infinite HD95s are written as 373 mm,
-as the official reports do; NaN (no lesion on either side) stays empty in the CSV. The per-lesion
-table (``<stem>_lesions.csv``) has one row per matched, missed or false lesion.
+missed and false lesions as 0 / 373 mm, ``penalised_*``. NaN (no lesion on either side) stays
+empty in the CSV. The per-lesion table (``<stem>_lesions.csv``) has one row per matched, missed
+or false lesion.
+
+Infinity, one rule: every HD95 written (CSV column, summary, MLflow metric) is finite. Where the
+definition gives no finite distance (one mask empty; a missed or false lesion; no matched
+lesion) it is 373 mm, ``tumorseg.lesions.REPORTED_INF``, the value the official reports write
+for an infinite global HD95 and count per missed or false lesion.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from scipy import ndimage
 
 from tumorseg.labels import from_canonical, to_canonical
 from tumorseg.lesions import REGIONS as LESION_REGIONS
-from tumorseg.lesions import nearest_distances, reported
+from tumorseg.lesions import REPORTED_INF, nearest_distances, reported
 from tumorseg.lesions import score_case as lesion_scores
 from tumorseg.outputs import write_atomically
 
@@ -90,7 +95,7 @@ LESION_COLUMNS = (
 HD95_CONVENTIONS = ("pooled", "max")
 REGION_ORDER = ("wt", "tc", "et", "netc", "snfh", "rc")  # rows, summaries and plots
 BRATS_REGIONS = ("wt", "tc", "et")  # the regions ``*_mean`` averages, as BraTS ranks them
-EMPTY_HD95 = 373.13  # mm, diagonal of the 240 x 240 x 155 BraTS volume at 1 mm
+EMPTY_HD95 = REPORTED_INF  # mm, HD95 with exactly one mask empty: the one infinity rule
 HD95_MARGIN = 1  # voxels of padding around the masks' bounding box (enough for the erosion)
 RESAMPLES, SEED = 2000, 0  # bootstrap of the mean
 
