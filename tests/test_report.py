@@ -34,13 +34,20 @@ TEST_DICE_WT = {("unet", 1): 0.80, ("unet", 2): 0.90, ("attention_unet", 1): 0.8
 TEST_DICE_WT |= {("attention_unet", 2): 0.88, ("residual_unet", 1): 0.70}
 TEST_DICE_WT |= {("residual_unet", 2): 0.76}
 CURVES = {1: [0.1, 0.3, 0.5], 2: [0.2, 0.4, 0.6]}  # val/dice_mean per epoch, by seed
+NSD = {1: 0.6, 2: 0.8}  # NSD of every case of a run, by seed (lesion NSD: half of it)
 
 
-def cases_csv(path: Path, dice: dict[str, list[float]], cases: list[str]) -> Path:
-    """A case-level CSV in ``tumorseg-evaluate``'s format."""
+def cases_csv(
+    path: Path, dice: dict[str, list[float]], cases: list[str], nsd: float | None = None
+) -> Path:
+    """A case-level CSV in ``tumorseg-evaluate``'s format; with ``nsd``, lesion-wise columns
+    too: lesion Dice equal to Dice, lesion HD95 3 mm, NSD ``nsd`` and lesion NSD ``nsd`` / 2
+    (so the ranking, on lesion Dice and HD95, ranks as on Dice and HD95)."""
+    lesion = {} if nsd is None else {"nsd": nsd, "lesion_nsd": nsd / 2, "lesion_hd95": 3.0}
     rows = [
         {"case_id": cid, "region": region, "dice": dice[region][i], "iou": 0.5}
         | {"acc": 0.99, "sens": 0.9, "spec": 0.99, "hd95": 3.0}
+        | ({"lesion_dice": dice[region][i]} | lesion if lesion else {})
         for i, cid in enumerate(cases)
         for region in ("wt", "tc", "et")
     ]
@@ -85,7 +92,7 @@ def make_run(
     if cases is not None:
         folder = tmp / run_id
         folder.mkdir()
-        path = cases_csv(folder / "test_cases.csv", run_dice(variant, seed), cases)
+        path = cases_csv(folder / "test_cases.csv", run_dice(variant, seed), cases, NSD[seed])
         client.log_artifact(run_id, str(path), "evaluation")
     if status != "RUNNING":
         client.set_terminated(run_id, status)
@@ -152,6 +159,28 @@ def test_summary_mean_std_over_runs(reported):
     text = (reported / "summary.md").read_text()
     assert "| unet | 2 | 0.850 ± 0.071 | 0.500 ± 0.000 |" in text
     assert "| residual_unet | 2 | 0.730 ± 0.042 |" in text
+
+
+def test_summary_adds_lesion_wise_and_nsd_means_from_the_case_csvs(reported):
+    summary = pd.read_csv(reported / "summary.csv").set_index("variant")
+    # per run the mean over its cases, then mean ± std over the variant's runs: unet's WT
+    # lesion Dice is mean(UNET) -/+ 0.01 per run; residual_unet has one run with cases
+    assert summary.loc["unet", "lesion_dice_wt_mean"] == pytest.approx(np.mean(UNET["wt"]))
+    assert summary.loc["unet", "lesion_dice_wt_std"] == pytest.approx(0.02 / math.sqrt(2))
+    assert summary.loc["attention_unet", "lesion_dice_et_mean"] == pytest.approx(
+        np.mean(np.add(UNET["et"], GAIN["et"]))
+    )
+    assert summary.loc["unet", "lesion_hd95_tc_mean"] == 3.0
+    assert summary.loc["unet", "nsd_wt_mean"] == pytest.approx(0.7)
+    assert summary.loc["unet", "nsd_wt_std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert summary.loc["attention_unet", "lesion_nsd_et_mean"] == pytest.approx(0.35)
+    assert summary.loc["residual_unet", "nsd_wt_mean"] == pytest.approx(0.6)
+    assert np.isnan(summary.loc["residual_unet", "nsd_wt_std"])
+    assert "lesion_hd95_max_wt_mean" not in summary  # no case CSV has the max convention
+    text = (reported / "summary.md").read_text()
+    assert "WT lesion Dice" in text and "ET lesion HD95" in text and "TC NSD" in text
+    row = next(line for line in text.splitlines() if line.startswith("| residual_unet |"))
+    assert row.endswith("| 0.300 | 0.300 | 0.300 |")  # lesion NSD of its one run with cases
 
 
 def test_summary_names_runs_without_case_results(reported, store):

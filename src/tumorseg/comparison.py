@@ -8,7 +8,11 @@ are skipped), groups them by their ``variant`` tag and writes into ``--output`` 
     tumorseg-report --experiment variant_comparison --output experiments/variant_comparison
 
 * ``summary.md``, ``summary.csv``: per variant, the number of runs and mean ± std (ddof 1, over
-  the variant's runs, i.e. seeds or folds) of ``<prefix>/{dice,iou,acc}_{wt,tc,et}``;
+  the variant's runs, i.e. seeds or folds) of ``<prefix>/{dice,iou,acc}_{wt,tc,et}``, then,
+  where the runs' ``evaluation/test_cases.csv`` have them, the same over runs of each run's
+  mean over its test cases of the lesion-wise Dice, lesion-wise HD95 (``lesion_hd95``, or
+  ``lesion_hd95_max`` for the other convention), NSD and lesion-wise NSD per region
+  (``lesion_dice_wt_mean``, ...; runs without case-level results do not count there);
   ``summary.md`` also lists every run and whether it has case-level results.
 * ``learning_curves.png``: ``val/dice_mean`` per epoch, mean over a variant's runs with a
   ±1 std band.
@@ -64,7 +68,24 @@ PREFERRED_ORDER = ("unet", "attention_unet", "residual_unet")  # the baseline fi
 CURVE_METRIC = "val/dice_mean"
 CASE_ARTIFACT = "evaluation/test_cases.csv"
 MIN_PAIRS = 6  # below this the exact two-sided Wilcoxon p-value cannot reach 0.05
-CASE_METRICS = ("dice", "hd95", "hd95_max", "lesion_dice", "lesion_hd95", "lesion_hd95_max")
+CASE_METRICS = (
+    "dice",
+    "hd95",
+    "hd95_max",
+    "nsd",
+    "lesion_dice",
+    "lesion_nsd",
+    "lesion_hd95",
+    "lesion_hd95_max",
+)
+# case-level columns the summary adds per variant where the case CSVs have them
+CASE_SUMMARY = {
+    "lesion_dice": "lesion Dice",
+    "lesion_hd95": "lesion HD95",
+    "lesion_hd95_max": "lesion HD95 (max)",
+    "nsd": "NSD",
+    "lesion_nsd": "lesion NSD",
+}
 BOOTSTRAP, BOOTSTRAP_SEED = 1000, 0  # resamples of the cases for the ranking's stability
 FILES = (
     "summary.md",
@@ -274,18 +295,57 @@ def case_results(client: MlflowClient, frame: pd.DataFrame) -> tuple[pd.DataFram
 # ---------------------------------------------------------------- statistics
 
 
-def summary_table(frame: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
-    """Per variant: n_runs and ``<metric>_<region>_mean`` / ``_std`` (ddof 1) over its runs."""
+def case_summary_columns(cases: pd.DataFrame) -> list[str]:
+    """``<metric>_<region>`` of the ``CASE_SUMMARY`` metrics some case CSV has a value of."""
+    present = [m for m in CASE_SUMMARY if m in cases and cases[m].notna().any()]
+    return [f"{metric}_{region}" for metric in present for region in REGIONS]
+
+
+def run_case_means(cases: pd.DataFrame) -> pd.DataFrame:
+    """Per run (index run_id): ``<metric>_<region>``, the mean over its test cases of each
+    ``CASE_SUMMARY`` metric some case CSV has."""
+    columns = case_summary_columns(cases)
+    if not columns:
+        return pd.DataFrame(index=pd.Index([], name="run_id"))
+    metrics = list(dict.fromkeys(c.rsplit("_", 1)[0] for c in columns))
+    per_run = cases.groupby(["run_id", "region"])[metrics].mean().unstack("region")
+    per_run.columns = [f"{metric}_{region}" for metric, region in per_run.columns]
+    return per_run.reindex(columns=columns)
+
+
+def summary_table(
+    frame: pd.DataFrame, variants: Sequence[str], cases: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Per variant: n_runs and ``<metric>_<region>_mean`` / ``_std`` (ddof 1) over its runs,
+    of the run metrics and (with ``cases``) of each run's case means (``run_case_means``)."""
+    per_run = run_case_means(cases) if cases is not None else pd.DataFrame()
+    frame = frame.join(per_run, on="run_id") if len(per_run.columns) else frame
     rows = []
     for variant in variants:
         runs = frame[frame["variant"] == variant]
         row: dict[str, object] = {"variant": variant, "n_runs": len(runs)}
-        for column in metric_columns():
+        for column in metric_columns() + list(per_run.columns):
             values = runs[column].dropna()
             row[f"{column}_mean"] = values.mean() if len(values) else np.nan
             row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def summary_columns(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    """(``<metric>_<region>``, table header) of every metric the summary holds."""
+    out = [
+        (f"{metric}_{region}", f"{region.upper()} {title}")
+        for metric, title in METRICS.items()
+        for region in REGIONS
+    ]
+    out += [
+        (f"{metric}_{region}", f"{region.upper()} {title}")
+        for metric, title in CASE_SUMMARY.items()
+        for region in REGIONS
+        if f"{metric}_{region}_mean" in summary
+    ]
+    return out
 
 
 def case_means(cases: pd.DataFrame) -> pd.DataFrame:
@@ -454,12 +514,11 @@ def summary_markdown(
     summary: pd.DataFrame, frame: pd.DataFrame, status: dict[str, str], context: dict[str, str]
 ) -> str:
     """``summary.md``: the variant table, then the runs it is made of."""
-    header = ["variant", "n runs"] + [
-        f"{region.upper()} {title}" for metric, title in METRICS.items() for region in REGIONS
-    ]
+    columns = summary_columns(summary)
+    header = ["variant", "n runs"] + [title for _, title in columns]
     rows = [
         [row["variant"], row["n_runs"]]
-        + [mean_std(row[f"{c}_mean"], row[f"{c}_std"]) for c in metric_columns()]
+        + [mean_std(row[f"{c}_mean"], row[f"{c}_std"]) for c, _ in columns]
         for _, row in summary.iterrows()
     ]
     lines = [
@@ -467,7 +526,9 @@ def summary_markdown(
         "",
         f"{len(frame)} FINISHED training runs (filter: `{context['filter'] or 'none'}`); "
         f"`{context['prefix']}/*` metrics, mean ± std over the runs of each variant "
-        "(std with ddof 1; none for a single run).",
+        "(std with ddof 1; none for a single run); lesion-wise and NSD columns, where the "
+        f"runs' `{CASE_ARTIFACT}` have them: the same over each run's mean over its test "
+        "cases.",
         "",
         *markdown_table(header, rows),
         "",
@@ -696,9 +757,9 @@ def build_report(
         "prefix": prefix,
         "n_runs": str(len(frame)),
     }
-    summary = summary_table(frame, variants)
     curves = learning_curves(client, frame)
     cases, status = case_results(client, frame)
+    summary = summary_table(frame, variants, cases)
     means = case_means(cases)
     pairwise = pairwise_table(means, variants)
     if holm_correction:
