@@ -265,7 +265,10 @@ def test_cli_writes_metrics_summary_and_plot(tmp_path, layout, capsys):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)  # no temp files left
     df = pd.read_csv(out / "metrics.csv")
-    assert list(df.columns) == ["case_id", "region", *METRICS]
+    assert list(df.columns) == ["case_id", "region", *METRICS, "hd95_convention"]
+    assert (df.hd95_convention == "pooled").all()  # the default convention, named
+    lesions = pd.read_csv(out / "metrics_lesions.csv")
+    assert (lesions.hd95_convention == "pooled").all()
     assert list(df.region) == CANONICAL_REGIONS * 3
     perfect = df[df.case_id == "case_a"].set_index("region")
     assert (perfect.dice == 1).all() and (perfect.hd95 == 0).all()
@@ -363,11 +366,52 @@ def test_cli_logs_to_mlflow(tmp_path, capsys):
     assert run_cli(tmp_path, "--mlflow-run", run_id, "--tracking-uri", uri) == 0
 
     metrics = client.get_run(run_id).data.metrics
+    assert client.get_run(run_id).data.tags["hd95_convention"] == "pooled"
     assert len(metrics) == len(METRICS) * 5
     df = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert metrics["case/dice_wt"] == pytest.approx(df[df.region == "wt"].dice.mean())
     artifacts = {f.path for f in client.list_artifacts(run_id, "evaluation")}
     assert artifacts == {f"evaluation/{name}" for name in OUTPUTS}
+
+    other = client.create_run(exp).info.run_id
+    assert run_cli(tmp_path, "--mlflow-run", other, "--tracking-uri", uri, "--hd95", "max") == 0
+    run = client.get_run(other).data
+    assert run.tags["hd95_convention"] == "max" and "case/hd95_max_wt" in run.metrics
+
+
+def test_test_stage_tags_its_run_with_the_hd95_convention(tmp_path, monkeypatch):
+    """The training test stage names the convention of its HD95 metrics on the run."""
+    from mlflow import MlflowClient
+
+    from tumorseg import case_eval
+    from tumorseg.scoring import case_table, lesion_table, scored_rows
+
+    def scored(module, cases, normalised, predictions, hd95="pooled", **_):
+        rows, lesions = scored_rows("a", tumour(1), tumour(), SPACING, hd95)
+        return case_table(rows, hd95), lesion_table(lesions, hd95)
+
+    monkeypatch.setattr(case_eval, "score_cases", scored)
+    monkeypatch.setattr(case_eval, "write_overlays", lambda *args, **kwargs: [])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("test", artifact_location=(tmp_path / "art").as_uri())
+
+    class Logger:  # the part of Lightning's MLFlowLogger the test stage uses
+        def __init__(self):
+            self.experiment, self.run_id = client, client.create_run(exp).info.run_id
+
+        def log_metrics(self, metrics, step=None):
+            for key, value in metrics.items():
+                client.log_metric(self.run_id, key, value, step=step or 0)
+
+    class Module:
+        def eval(self):
+            return self
+
+    for convention, metric in (("pooled", "test/hd95_wt"), ("max", "test/hd95_max_wt")):
+        logger = Logger()
+        case_eval.test_stage(Module(), [object()], [], logger, hd95=convention)
+        run = client.get_run(logger.run_id).data
+        assert run.tags["hd95_convention"] == convention and metric in run.metrics
 
 
 # ---------------------------------------------------------------- reference layouts

@@ -295,6 +295,7 @@ def test_evaluate_cli_hd95_max_names_its_columns(tmp_path):
     df = pd.read_csv(out)
     assert {"hd95_max", "lesion_hd95_max", "penalised_hd95_max"} <= set(df.columns)
     assert not {"hd95", "lesion_hd95", "penalised_hd95"} & set(df.columns)
+    assert (df.hd95_convention == "max").all()
     assert "hd95_max" in pd.read_csv(out.with_name("metrics_lesions.csv")).columns
     assert "hd95_max" in set(pd.read_csv(out.with_name("metrics_summary.csv")).metric)
     # the far false blob of case 3 is hidden by the pooled HD95 and not by max

@@ -10,7 +10,8 @@ those of tumorseg's canonical labels, which every case is read into: WT, TC, ET,
 (``test/lesion_dice_netc``) and SNFH (``test/lesion_dice_snfh``); a resection cavity is
 background in canonical labels, so RC is scored only by ``tumorseg-evaluate`` on BraTS 2024
 references. ``test/<metric>_mean`` averages WT, TC and ET. The HD95 convention is the config's
-``test_hd95`` (``pooled``, or ``max``: metrics ``test/hd95_max_*``).
+``test_hd95`` (``pooled``, or ``max``: metrics ``test/hd95_max_*``); the run gets the tag
+``hd95_convention`` with it, and the CSVs their ``hd95_convention`` column.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tumorseg.inference import predict_case, segmentation_image
 from tumorseg.module import SegModule
 from tumorseg.overlay import overlay_figure
 from tumorseg.scoring import (
+    HD95_TAG,
     case_means,
     case_table,
     lesion_table,
@@ -104,6 +106,7 @@ def test_stage(
         if logger is not None:
             logger.log_metrics(means, step=step)
             client, run_id = logger.experiment, logger.run_id
+            client.set_tag(run_id, HD95_TAG, hd95)
             for path in paths.values():
                 client.log_artifact(run_id, str(path), "evaluation")
             for path in overlays:

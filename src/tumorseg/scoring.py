@@ -22,7 +22,11 @@ HD95 pools the surface distances of both directions (prediction -> reference and
 prediction) and takes their 95th percentile, as MedPy's ``hd95`` does (``hd95="pooled"``, the
 default and the official BraTS evaluator's); ``hd95="max"`` takes the larger of the two directed
 95th percentiles, as MONAI does, and the HD95 columns are then named ``hd95_max``,
-``lesion_hd95_max`` and ``penalised_hd95_max`` (so are the MLflow metrics).
+``lesion_hd95_max`` and ``penalised_hd95_max`` (so are the MLflow metrics). Whatever the
+convention, the per-case and per-lesion CSVs carry it in a last column ``hd95_convention``
+(``pooled`` or ``max``), and every MLflow run that gets HD95 metrics gets the tag
+``hd95_convention`` (``HD95_TAG``); the bare names (``hd95``) stay the pooled ones, so CSVs
+written before the column are read as they were.
 
 Lesion-wise columns, NSD and their rules are ``tumorseg.lesions``' (the official BraTS
 evaluator's): ``nsd`` (global surface Dice), lesion counts ``lesions_ref``, ``lesions_pred``,
@@ -93,6 +97,7 @@ LESION_COLUMNS = (
     "hd95",
 )
 HD95_CONVENTIONS = ("pooled", "max")
+HD95_TAG = "hd95_convention"  # CSV column and MLflow tag naming the HD95 convention
 REGION_ORDER = ("wt", "tc", "et", "netc", "snfh", "rc")  # rows, summaries and plots
 BRATS_REGIONS = ("wt", "tc", "et")  # the regions ``*_mean`` averages, as BraTS ranks them
 EMPTY_HD95 = REPORTED_INF  # mm, HD95 with exactly one mask empty: the one infinity rule
@@ -380,14 +385,17 @@ def scored_rows(
 
 
 def case_table(rows: list[dict], hd95: str = "pooled") -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["case_id", "region", *metric_names(hd95)])
+    """The per-case table; its last column ``hd95_convention`` names the HD95 convention."""
+    df = pd.DataFrame(rows, columns=["case_id", "region", *metric_names(hd95)])
+    return df.assign(**{HD95_TAG: hd95})
 
 
 def lesion_table(rows: list[dict], hd95: str = "pooled") -> pd.DataFrame:
+    """The per-lesion table; its last column ``hd95_convention`` names the HD95 convention."""
     columns = [
         c if c != "hd95" else metric_names(hd95)[BASE_METRICS.index("hd95")] for c in LESION_COLUMNS
     ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=columns).assign(**{HD95_TAG: hd95})
 
 
 def case_means(df: pd.DataFrame, prefix: str = "test") -> dict[str, float]:
@@ -436,9 +444,14 @@ def write_outputs(
 
 
 def log_to_mlflow(
-    client: MlflowClient, run_id: str, summary: pd.DataFrame, paths: dict[str, Path]
+    client: MlflowClient,
+    run_id: str,
+    summary: pd.DataFrame,
+    paths: dict[str, Path],
+    hd95: str = "pooled",
 ) -> None:
-    """Means as ``case/<metric>_<region>`` metrics and the output files as artifacts."""
+    """Means as ``case/<metric>_<region>`` metrics, the tag ``hd95_convention`` and the output
+    files as artifacts."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -447,5 +460,6 @@ def log_to_mlflow(
         for row in summary.itertuples()
     ]
     client.log_batch(run_id, metrics=metrics)
+    client.set_tag(run_id, HD95_TAG, hd95)
     for path in paths.values():
         client.log_artifact(run_id, str(path), artifact_path="evaluation")

@@ -22,8 +22,10 @@ metric and region), ``metrics_boxplot.png`` (Dice and HD95 per region) and
 prints the means. ``--hd95 pooled|max`` picks the HD95 convention (``max`` names the columns
 ``hd95_max``...); ``--nsd-tolerance MM`` sets the NSD tolerance (default: the official
 evaluator's, see ``tumorseg.lesions``).
-``--mlflow-run ID`` also logs the means as ``case/<metric>_<region>`` and the three files as
-artifacts of that run. ``--overlays DIR`` writes a three-view PNG per case whose reference
+Both CSVs name the convention in their last column, ``hd95_convention``.
+``--mlflow-run ID`` also logs the means as ``case/<metric>_<region>``, the tag
+``hd95_convention`` (``pooled`` or ``max``) and the files as artifacts of that run.
+``--overlays DIR`` writes a three-view PNG per case whose reference
 sits in a data set with images (BraTS 2020/2021 or 2023+ case folders, MSD), with the FLAIR
 as ``tumorseg-prepare`` reads it.
 
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if client is not None:
         try:
-            log_to_mlflow(client, args.mlflow_run, summary, paths)
+            log_to_mlflow(client, args.mlflow_run, summary, paths, args.hd95)
         except Exception as err:  # network or store failures: the files are already written
             error(f"cannot log to MLflow run {args.mlflow_run} at {uri}: {err}")
             return 1
