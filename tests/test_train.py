@@ -62,3 +62,22 @@ def test_auto_precision_picks_bf16_on_bf16_cpu(monkeypatch):
     assert auto_precision("cpu") == "bf16-mixed"
     monkeypatch.setattr("tumorseg.precision.cpu_has_bf16", lambda: False)
     assert auto_precision("cpu") == "32-true"
+
+
+def test_run_that_fails_after_fit_is_failed_in_mlflow(tmp_path, demo_root, monkeypatch):
+    """A crash in the test stage (or while logging the model) after fit leaves the MLflow run
+    FAILED, not the FINISHED that Lightning set when fit ended."""
+    from mlflow.tracking import MlflowClient
+
+    import tumorseg.train as train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("test stage broke")
+
+    monkeypatch.setattr(train, "run_test_stage", broken)
+    cfg = compose_tiny(tmp_path, demo_root, ["trainer.max_epochs=1", "log_model=false"])
+    with pytest.raises(RuntimeError, match="test stage broke"):
+        run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]

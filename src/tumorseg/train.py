@@ -147,10 +147,17 @@ def run(cfg: DictConfig) -> float | None:
         with ddp_job(config, cfg.paths.output_dir):  # DDP children run this job, nothing else
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
-    if logger is not None and trainer.is_global_zero and cfg.get("log_model", True):
-        log_best_model(cfg, trainer, logger)
-    if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
-        run_test_stage(cfg, trainer, model, datamodule, logger)
+    try:
+        if logger is not None and trainer.is_global_zero and cfg.get("log_model", True):
+            log_best_model(cfg, trainer, logger)
+        if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
+            run_test_stage(cfg, trainer, model, datamodule, logger)
+    except BaseException:
+        # Lightning closed the run as FINISHED after fit; without its model or test results
+        # it is not
+        if logger is not None and trainer.is_global_zero:
+            logger.experiment.set_terminated(logger.run_id, "FAILED")
+        raise
     if best is None:
         best = trainer.callback_metrics.get("val/dice_mean")
     if logger is not None and _is_rank_zero():
