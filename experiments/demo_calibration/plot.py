@@ -1,11 +1,11 @@
 """Table and learning curves of the demo calibration runs, read from MLflow.
 
     python experiments/demo_calibration/plot.py [--tracking-uri URI] [--output DIR]
-        [--held-out EPOCHS=CSV ...]
+        [--held-out LABEL=CSV ...]
 
 Reads the runs of the MLflow experiment ``demo_calibration`` (with their status) and writes
 ``results.md`` (case-level test Dice, best pooled validation Dice, epochs; with --held-out,
-also the mean case Dice of each ``tumorseg-evaluate`` CSV, by the run's max epochs) and
+also the mean case Dice of each ``tumorseg-evaluate`` CSV, under its label) and
 ``learning_curves.png`` (pooled validation Dice per epoch, per region, one line per run).
 """
 
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--experiment", default="demo_calibration")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--held-out", nargs="*", default=[], metavar="EPOCHS=CSV")
+    parser.add_argument("--held-out", nargs="*", default=[], metavar="LABEL=CSV")
     args = parser.parse_args()
     client = MlflowClient(tracking_uri=args.tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(args.experiment)
@@ -63,15 +63,15 @@ def main() -> None:
     if args.held_out:
         table += [
             "",
-            "| max epochs | held-out patients | WT | TC | ET | mean |",
+            "| checkpoint, patients | n | WT | TC | ET | mean |",
             "|---:|---:|---:|---:|---:|---:|",
         ]
         for item in args.held_out:
-            epochs, csv = item.split("=", 1)
+            label, csv = item.split("=", 1)
             dice = pd.read_csv(csv).pivot(index="case_id", columns="region", values="dice")
             mean = dice[["wt", "tc", "et"]].mean()
             table.append(
-                f"| {epochs} | {len(dice)} | {mean['wt']:.3f} | {mean['tc']:.3f} "
+                f"| {label} | {len(dice)} | {mean['wt']:.3f} | {mean['tc']:.3f} "
                 f"| {mean['et']:.3f} | {mean.mean():.3f} |"
             )
     args.output.mkdir(parents=True, exist_ok=True)
