@@ -40,6 +40,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tumorseg.outputs import folder_lock
+
 log = logging.getLogger(__name__)
 
 DDP_JOB_ENV = "TUMORSEG_DDP_JOB"
@@ -66,24 +68,8 @@ def prepare_tracking(config: DictConfig) -> None:
         return
     folder = Path(database).resolve().parent
     folder.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(folder):
+    with folder_lock(folder):
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-
-
-@contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``folder`` (none where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 class TrackingStore(Callback):

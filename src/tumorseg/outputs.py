@@ -53,3 +53,19 @@ def write_atomically(writers: Iterable[tuple[Path, Callable[[Path], None]]]) -> 
     with staged_outputs() as temp_for:
         for target, writer in writers:
             writer(temp_for(target))
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive advisory lock on directory ``folder`` (none where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

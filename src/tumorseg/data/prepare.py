@@ -59,6 +59,7 @@ from tumorseg.data.store import (
 )
 from tumorseg.errors import DataError
 from tumorseg.labels import MASK_ORDER
+from tumorseg.outputs import folder_lock
 from tumorseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -171,22 +172,6 @@ def check_options(dtype: str, crop: int | None, workers: int) -> None:
         raise ValueError(f"crop must be a positive number of voxels, got {crop!r}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on directory ``path`` (no-op where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _start_partial(partial: Path, options: dict) -> None:
@@ -397,7 +382,7 @@ def prepare(
     dst.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(dst)
     partial.mkdir(exist_ok=True)
-    with _locked(partial):
+    with folder_lock(partial):
         if is_complete(dst) and not force:  # another process finished it while we waited
             shutil.rmtree(partial, ignore_errors=True)
             return read_json(dst / MANIFEST)
