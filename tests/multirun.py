@@ -58,6 +58,16 @@ def multirun(
     return train(tmp_path, "-m", *common, *args, timeout=timeout)
 
 
+def optuna_storage(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def optuna_sweep(tmp_path: Path, demo_root: Path, *args: str) -> subprocess.CompletedProcess:
+    """``multirun`` of ``hparams_search=optuna`` with its study in ``optuna_storage``."""
+    storage = f"hydra.sweeper.storage={optuna_storage(tmp_path)}"
+    return multirun(tmp_path, demo_root, "hparams_search=optuna", storage, *args)
+
+
 def mlflow_runs(tmp_path: Path, query: str = "") -> list[Any]:
     """The runs in ``tracking_uri``'s experiment ``tumorseg``, oldest first."""
     client = MlflowClient(tracking_uri=tracking_uri(tmp_path))

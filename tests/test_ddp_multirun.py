@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.multirun import DDP, fail_in_rank, mlflow_runs, multirun
+from tests.multirun import DDP, fail_in_rank, mlflow_runs, multirun, optuna_storage, optuna_sweep
 from tumorseg.launch import starts_children
 
 
@@ -58,13 +58,11 @@ def test_plain_multirun_of_ddp_jobs(tmp_path, demo_root):
 
 @pytest.mark.slow
 def test_optuna_sweep_of_ddp_trials(tmp_path, demo_root):
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = multirun(
+    url = optuna_storage(tmp_path)
+    res = optuna_sweep(
         tmp_path,
         demo_root,
-        "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
-        f"hydra.sweeper.storage={url}",
         *DDP,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -81,13 +79,11 @@ def test_optuna_sweep_of_ddp_trials(tmp_path, demo_root):
 def test_a_ddp_trial_whose_rank_fails_fails_alone(tmp_path, demo_root):
     """Rank 1 of trial 0 raises. Lightning then SIGKILLs the process that started the ranks:
     the trial's own, not the sweeper's, so trial 0 is FAIL, its run FAILED, and trial 1 runs."""
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = multirun(
+    url = optuna_storage(tmp_path)
+    res = optuna_sweep(
         tmp_path,
         demo_root,
-        "hparams_search=optuna",
         "hydra.sweeper.n_trials=2",
-        f"hydra.sweeper.storage={url}",
         *DDP,
         fail_in_rank(1, trials=[0]),
     )

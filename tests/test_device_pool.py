@@ -23,6 +23,8 @@ from tests.multirun import (
     kill_in_trials,
     mlflow_runs,
     multirun,
+    optuna_storage,
+    optuna_sweep,
 )
 
 # the job's own environment, read in the job's process when its config resolves
@@ -84,12 +86,10 @@ def runs_by_trial(tmp_path: Path) -> dict[int, object]:
 def test_parallel_trials_never_share_a_device(tmp_path, demo_root):
     """4 stand-in devices, 2 per trial: 2 trials at a time, 4 trials. Trial 0 raises and trial
     1's process is SIGKILLed as training starts, so trials 2 and 3 start after both ended."""
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = multirun(
+    url = optuna_storage(tmp_path)
+    res = optuna_sweep(
         tmp_path,
         demo_root,
-        "hparams_search=optuna",
-        f"hydra.sweeper.storage={url}",
         "hydra.sweeper.n_trials=4",
         "hydra.sweeper.devices=[0,1,2,3]",
         "hydra.sweeper.devices_per_trial=2",

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from optuna.trial import TrialState
 
-from tests.multirun import mlflow_runs, multirun
+from tests.multirun import mlflow_runs, multirun, optuna_storage, optuna_sweep
 from tumorseg.config import CONF_DIR
 
 needs_submitit = pytest.mark.skipif(
@@ -39,12 +39,10 @@ def test_slurm_launcher_config_composes():
 @needs_submitit
 @pytest.mark.slow
 def test_optuna_trials_as_submitit_jobs_are_pruned_through_the_storage(tmp_path, demo_root):
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = multirun(
+    url = optuna_storage(tmp_path)
+    res = optuna_sweep(
         tmp_path,
         demo_root,
-        "hparams_search=optuna",
-        f"hydra.sweeper.storage={url}",
         "hydra/launcher=submitit_local",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",  # one batch of two jobs
@@ -89,12 +87,10 @@ def test_plain_multirun_under_joblib_runs_the_jobs_of_one_sweep_at_once(tmp_path
 @needs_joblib
 @pytest.mark.slow
 def test_optuna_trials_go_to_joblib_in_batches(tmp_path, demo_root):
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    res = multirun(
+    url = optuna_storage(tmp_path)
+    res = optuna_sweep(
         tmp_path,
         demo_root,
-        "hparams_search=optuna",
-        f"hydra.sweeper.storage={url}",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.n_jobs=2",  # one batch of two jobs
         *JOBLIB,
