@@ -70,6 +70,22 @@ def test_zscore_over_brain_only():
     )
 
 
+def test_zscore_equals_the_masked_statistics_to_the_bit():
+    """The bounding-box shortcut gives what indexing the whole volume by the mask gives,
+    also for a brain that touches the volume's edge on one axis."""
+    rng = np.random.default_rng(0)
+    image = np.zeros((4, 30, 26, 20), np.float32)
+    image[:, 3:27, 5:25, :] = rng.lognormal(5, 1, (4, 24, 20, 20)).astype(np.float32)
+    image[:, 3, 5, 0] = 0  # a background voxel inside the box
+    image[1, 26, 24, 19] = 7.0  # one modality only at the box's far corner
+    brain = (image != 0).any(0)
+    expected = np.zeros_like(image)
+    for c in range(4):
+        values = image[c][brain]
+        expected[c][brain] = (values - values.mean()) / values.std()
+    assert np.array_equal(zscore(image), expected)
+
+
 def test_reader_errors_name_the_file(demo_root, tmp_path):
     case = tmp_path / "BraTS20_Training_001"
     shutil.copytree(demo_root / case.name, case)

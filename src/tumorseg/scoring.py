@@ -56,7 +56,7 @@ from scipy import ndimage
 
 from tumorseg.labels import from_canonical, to_canonical
 from tumorseg.lesions import REGIONS as LESION_REGIONS
-from tumorseg.lesions import REPORTED_INF, nearest_distances, reported
+from tumorseg.lesions import REPORTED_INF, bounding_box, nearest_distances, reported
 from tumorseg.lesions import score_case as lesion_scores
 from tumorseg.outputs import write_atomically
 
@@ -139,18 +139,6 @@ def in_convention(seg: np.ndarray, convention: str, target: str, source: str) ->
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Slices of ``mask``'s bounding box padded by ``margin`` voxels (clipped to the array)."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        start = max(int(hits[0]) - margin, 0)
-        stop = min(int(hits[-1]) + 1 + margin, mask.shape[axis])
-        box.append(slice(start, stop))
-    return tuple(box)
 
 
 def surface(mask: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tumorseg.errors import DataError
+from tumorseg.lesions import bounding_box
 
 ORIENTATION = "LPS"  # the BraTS voxel layout
 SPACING = (1.0, 1.0)  # BraTS in-plane spacing, mm
@@ -219,9 +220,13 @@ def zscore(image: np.ndarray) -> np.ndarray:
     out = np.zeros_like(image, dtype=np.float32)
     if not brain.any():
         return out
+    # Index inside the brain's bounding box only: the same voxels in the same order (so the
+    # same mean and std to the bit) without scanning the background around the head.
+    inside = bounding_box(brain, margin=0) or ()
+    brain, src, dst = brain[inside], image[(slice(None), *inside)], out[(slice(None), *inside)]
     for c in range(image.shape[0]):
-        values = image[c][brain]
-        out[c][brain] = (values - values.mean()) / max(float(values.std()), 1e-6)
+        values = src[c][brain]
+        dst[c][brain] = (values - values.mean()) / max(float(values.std()), 1e-6)
     return out
 
 
