@@ -15,6 +15,10 @@ from tumorseg.config import CONF_DIR
 from tumorseg.data.demo import write_demo
 
 ROOT = Path(__file__).resolve().parents[1]
+# Environment of the training subprocesses: one intra-op thread each. The tests' tiny nets gain
+# nothing from a second thread, and two jobs (or DDP ranks) with two threads each on a 2-core
+# machine slow every step many times over.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which exports MLFLOW_TRACKING_URI into
 # the process: a test that trains in-process would send every later test's runs (and those of
 # the subprocesses they start) to its store. Each test starts and ends with the value the
@@ -84,7 +88,7 @@ def compose_tiny(tmp_path: Path, demo_root: Path, overrides: list[str] = ()) -> 
 
 def run_train(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` from ``cwd`` (outputs, data and mlruns land there)."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT
+from tests.conftest import ONE_THREAD, ROOT
 
 TINY = ["debug=tiny", "test=false", "trainer.max_epochs=1"]
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -24,8 +24,9 @@ DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 def train(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` from ``cwd`` in a session of its own. Its output goes to files,
     not pipes, so it returns when train.py exits, even where a DDP rank outlives it; whatever
-    of that session still runs then is killed."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    of that session still runs then is killed. One intra-op thread per process (``ONE_THREAD``).
+    """
+    env = {**os.environ, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, str(ROOT / "train.py"), *args]
     out, err = cwd / "train.stdout", cwd / "train.stderr"

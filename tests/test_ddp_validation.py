@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ONE_THREAD, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ KEYS = ("val/dice_wt", "val/dice_tc", "val/dice_et", "val/dice_mean", "val/iou_w
 
 def validate(demo_root: Path, work: Path, devices: int) -> dict[str, float]:
     out = work / f"metrics_{devices}.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}
     res = subprocess.run(
         [
             sys.executable,

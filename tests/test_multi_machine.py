@@ -30,7 +30,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT
+from tests.conftest import ONE_THREAD, ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +159,7 @@ def services(postgres, tmp_path_factory) -> Iterator[Services]:
 def start_worker(cwd: Path, svc: Services, demo_root: Path, *extra: str) -> subprocess.Popen:
     """One sweep worker, as on its own machine: own working folder, the two URLs, PGPASSWORD."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **svc.env, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, **svc.env, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hparams_search=optuna", *TINY]
     cmd += [f"data.root={demo_root}", f"hydra.sweeper.storage={svc.storage}"]
