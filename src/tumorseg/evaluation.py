@@ -35,8 +35,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from tumorseg.data.nifti import MODALITIES, SUFFIXES, find_nifti
-from tumorseg.data.readers import CaseRef, detect_format, list_cases
+from tumorseg.data.nifti import MODALITIES, find_nifti
+from tumorseg.data.readers import CaseRef, detect_format, list_cases, nifti_files
 from tumorseg.errors import DataError
 from tumorseg.labels import to_canonical
 from tumorseg.scoring import case_table, in_convention, lesion_table, scored_rows
@@ -73,24 +73,6 @@ class Reference:
     path: Path | None = None
     convention: str | None = None
     case: CaseRef | None = None
-
-
-def strip_suffix(name: str) -> str | None:
-    """Case id of a NIfTI file name, or None for other files."""
-    for suffix in SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def nifti_files(folder: Path) -> dict[str, Path]:
-    """Case id -> NIfTI file directly in ``folder`` (``.nii.gz`` preferred over ``.nii``)."""
-    files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: p.name.endswith(".nii")):
-        cid = strip_suffix(path.name)
-        if cid and not path.name.startswith(".") and path.is_file():
-            files.setdefault(cid, path)
-    return files
 
 
 def from_case(ref: CaseRef) -> Reference:

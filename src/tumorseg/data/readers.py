@@ -233,7 +233,7 @@ def _subdirs(folder: Path) -> list[Path]:
         return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
 
 
-def _nifti_files(folder: Path) -> dict[str, Path]:
+def nifti_files(folder: Path) -> dict[str, Path]:
     """``{stem: path}`` of the NIfTI files in ``folder`` (``.nii.gz`` preferred over ``.nii``);
     hidden files such as macOS ``._`` junk are ignored."""
     found: dict[str, Path] = {}
@@ -420,7 +420,7 @@ def _odd_seg(folder: Path, taken: list[Path]) -> Path | None:
     """A segmentation under another name (BraTS 2020 case 355: ``W39_1998.09.19_Segm.nii``)."""
     names = {p.name for p in taken}
     found = [
-        p for p in _nifti_files(folder).values() if p.name not in names and "seg" in p.name.lower()
+        p for p in nifti_files(folder).values() if p.name not in names and "seg" in p.name.lower()
     ]
     if len(found) > 1:
         raise DataError(
@@ -536,10 +536,10 @@ def _list_msd(root: Path, labelled: bool, skip_bad: bool, convention: str | None
     if task is None:
         raise DataError(f"{root}: no MSD imagesTr/ or imagesTs/ folder")
     order = _msd_order(task)
-    labels = _nifti_files(task / "labelsTr")
+    labels = nifti_files(task / "labelsTr")
     refs, unlabelled = [], []
     for folder in ("imagesTr", "imagesTs"):
-        for cid, image in _nifti_files(task / folder).items():
+        for cid, image in nifti_files(task / folder).items():
             label = labels.get(cid) if folder == "imagesTr" else None
             if labelled and label is None:
                 unlabelled.append(cid)
