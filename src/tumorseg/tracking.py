@@ -8,11 +8,11 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
+if TYPE_CHECKING:  # Lightning takes seconds to import; the command-line tools need none of it
+    from lightning.pytorch.loggers import MLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,9 @@ def make_mlflow_logger(
 
     On rank 0 the experiment is created here when missing, tagged as model development.
     """
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
     uri, artifacts = tracking_target(tracking_uri, root_dir)
     if rank_zero_only.rank == 0:
         from mlflow import MlflowClient
