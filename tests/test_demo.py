@@ -116,7 +116,9 @@ def edema_hidden_in_brain(images: dict[str, np.ndarray], seg: np.ndarray) -> flo
 
 def test_realistic_cases_are_hard() -> None:
     """The default demo: edema overlapping normal brain on FLAIR, enhancing look-alikes
-    outside the tumour on T1ce, lower-grade cases with little or no enhancing tumour."""
+    outside the tumour on T1ce, lower-grade cases with little or no enhancing tumour and a
+    non-enhancing core that shows the T2-FLAIR mismatch (brighter than edema on T2, no brighter
+    on FLAIR) and is dark on T1."""
     assert edema_hidden_in_brain(*demo.make_case(1, seed=0, difficulty="easy")) < 0.1
     grades = []
     for index in (1, 7):
@@ -130,6 +132,9 @@ def test_realistic_cases_are_hard() -> None:
         tc, et = np.isin(seg, (1, 4)).sum(), (seg == 4).sum()
         grades.append(et / tc)
     assert grades[0] > 0.3 and grades[1] < 0.15  # case 7 is lower grade: a small ET focus
+    median = {k: {c: np.median(v[seg == c]) for c in (1, 2)} for k, v in images.items()}
+    assert median["t2"][1] > 1.3 * median["t2"][2] and median["flair"][1] <= median["flair"][2]
+    assert median["t1"][1] < 0.8 * median["t1"][2]
 
 
 def test_grades_and_satellites() -> None:

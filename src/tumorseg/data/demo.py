@@ -272,12 +272,14 @@ def _tumours(
 # Per class (rows) and modality (columns, MODALITIES order): low and high end of a uniform
 # draw per case. Rows: edema, enhancing tumour, necrosis, non-enhancing tumour core.
 # Edema sits between grey matter and CSF on T2 and only a little above grey matter on FLAIR.
+# The non-enhancing core of lower-grade gliomas shows the T2-FLAIR mismatch: as bright as CSF
+# on T2 but only grey-matter bright on FLAIR (darker than the edema around it), dark on T1.
 BRATS_TUMOUR = np.array(
     [
         [[720.0, 470.0, 490.0, 1350.0], [1000.0, 640.0, 680.0, 2200.0]],
         [[780.0, 520.0, 1150.0, 1150.0], [1100.0, 700.0, 1750.0, 1750.0]],
         [[300.0, 220.0, 240.0, 1700.0], [850.0, 420.0, 440.0, 2600.0]],
-        [[820.0, 420.0, 440.0, 1500.0], [1150.0, 560.0, 600.0, 2250.0]],
+        [[480.0, 300.0, 320.0, 2200.0], [680.0, 400.0, 420.0, 2900.0]],
     ],
     dtype=np.float32,
 )
