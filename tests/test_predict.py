@@ -386,7 +386,7 @@ def test_overlay_figure():
 
 def test_benchmark_table(monkeypatch, capsys):
     """The report's shape, with the default (untrained) model; timings are faked."""
-    fake = [4.0, 1.0, 2.0, 0.5]  # naive, batched, TTA, I/O
+    fake = [4.0, 1.0, 2.0, 0.25, 0.5]  # naive, batched, TTA, replay alone, I/O
     monkeypatch.setattr(
         "tumorseg.bench.inference.best_times", lambda fns, repeats: fake[: len(fns)]
     )
@@ -395,3 +395,5 @@ def test_benchmark_table(monkeypatch, capsys):
     assert "features 16,32,64,128" in out and "240x240 -> net 128x128" in out
     assert "| naive: 1 slice at a time | 1 | fp32 | no | 4.00 | 1.00x |" in out
     assert "| batched + TTA (4 flips) | 32 |" in out and "| 2.00 | 2.00x |" in out
+    assert "resizing; the same in every row): 0.25 s" in out
+    assert "writing the result: 0.50 s" in out

@@ -133,11 +133,17 @@ def bench(checkpoint: Path | None, device: str, repeats: int, batch_size: int) -
 
         naive = functools.partial(predict_case_naive, module, naive_net, case)
         fast = functools.partial(predict_case, module, case, batch_size=batch_size)
-        *seconds, io_s = best_times([naive, fast, functools.partial(fast, tta=True), io], repeats)
+        replay = functools.partial(
+            NetInput.of, case.image, case.affine, module.preprocessing, case.case_id
+        )
+        timed = [naive, fast, functools.partial(fast, tta=True), replay, io]
+        *seconds, replay_s, io_s = best_times(timed, repeats)
     lines = [
         *describe(module, dev, case),
         f"- best of {repeats} interleaved rounds after a warm-up; z-score, resizing and "
         f"post-processing included; reading the 4 NIfTI files + writing the result: {io_s:.2f} s",
+        f"- of each row, the preprocessing replay (reorientation, z-score, slice filter, "
+        f"resizing; the same in every row): {replay_s:.2f} s",
         f"- 1-minute load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at "
         "the end (other processes on these cores slow every row)",
         "",
