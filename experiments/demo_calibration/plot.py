@@ -5,7 +5,9 @@
 
 Reads the runs of the MLflow experiment ``demo_calibration`` (with their status) and writes
 ``results.md`` (case-level test Dice, best pooled validation Dice, epochs; with --held-out,
-also the mean case Dice of each ``tumorseg-evaluate`` CSV, under its label) and
+also the mean case Dice of each ``tumorseg-evaluate`` CSV, under its label, and the paired
+difference of the last CSV against the first: per patient the mean of its WT, TC and ET Dice,
+the mean difference with a 95 % bootstrap interval, and a Wilcoxon signed-rank p-value) and
 ``learning_curves.png`` (pooled validation Dice per epoch, per region, one line per run).
 """
 
@@ -18,8 +20,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from scipy.stats import wilcoxon  # noqa: E402
 
 from tumorseg.tracking import default_tracking_uri  # noqa: E402
 
@@ -66,14 +70,18 @@ def main() -> None:
             "| checkpoint, patients | n | WT | TC | ET | mean |",
             "|---:|---:|---:|---:|---:|---:|",
         ]
+        per_case = {}
         for item in args.held_out:
             label, csv = item.split("=", 1)
             dice = pd.read_csv(csv).pivot(index="case_id", columns="region", values="dice")
             mean = dice[["wt", "tc", "et"]].mean()
+            per_case[label] = dice[["wt", "tc", "et"]].mean(axis=1)
             table.append(
                 f"| {label} | {len(dice)} | {mean['wt']:.3f} | {mean['tc']:.3f} "
                 f"| {mean['et']:.3f} | {mean.mean():.3f} |"
             )
+        if len(per_case) > 1:
+            table += ["", paired_difference(per_case)]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
@@ -90,6 +98,21 @@ def main() -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(args.output / "learning_curves.png", dpi=110)
+
+
+def paired_difference(per_case: dict[str, pd.Series]) -> str:
+    """Last label against the first, paired by case: mean difference, bootstrap 95 % interval
+    (10,000 resamples of the cases, seed 0), Wilcoxon signed-rank p-value."""
+    (first, a), (last, b) = list(per_case.items())[0], list(per_case.items())[-1]
+    diff = (b - a).dropna().to_numpy()
+    rng = np.random.default_rng(0)
+    boot = rng.choice(diff, (10_000, len(diff))).mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return (
+        f"Paired, {last} against {first} ({len(diff)} patients, mean of WT/TC/ET Dice per "
+        f"patient): {diff.mean():+.3f} (95 % bootstrap interval {low:+.3f} to {high:+.3f}; "
+        f"Wilcoxon p = {wilcoxon(diff).pvalue:.1e}; better on {(diff > 0).sum()} patients)."
+    )
 
 
 if __name__ == "__main__":
