@@ -1,13 +1,16 @@
 """Table and learning curves of the demo calibration runs, read from MLflow.
 
     python experiments/demo_calibration/plot.py [--tracking-uri URI] [--output DIR]
-        [--held-out LABEL=CSV ...]
+        [--held-out LABEL=CSV ...] [--blocks 21-36 41-56 ...] [--references DIR]
 
 Reads the runs of the MLflow experiment ``demo_calibration`` (with their status) and writes
 ``results.md`` (case-level test Dice, best pooled validation Dice, epochs; with --held-out,
 also the mean case Dice of each ``tumorseg-evaluate`` CSV, under its label, and the paired
 difference of the last CSV against the first: per patient the mean of its WT, TC and ET Dice,
-the mean difference with a 95 % bootstrap interval, and a Wilcoxon signed-rank p-value) and
+the mean difference with a 95 % bootstrap interval, and a Wilcoxon signed-rank p-value; with
+--blocks, the same mean difference per range of case numbers; with --references, the held-out
+reference folder, the mean Dice per grade: lower grade where the reference's enhancing tumour
+is under 15 % of its tumour core) and
 ``learning_curves.png`` (pooled validation Dice per epoch, per region, one line per run).
 """
 
@@ -36,6 +39,8 @@ def main() -> None:
     parser.add_argument("--experiment", default="demo_calibration")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent)
     parser.add_argument("--held-out", nargs="*", default=[], metavar="LABEL=CSV")
+    parser.add_argument("--blocks", nargs="*", default=[], metavar="FIRST-LAST")
+    parser.add_argument("--references", type=Path, default=None)
     args = parser.parse_args()
     client = MlflowClient(tracking_uri=args.tracking_uri or default_tracking_uri())
     exp = client.get_experiment_by_name(args.experiment)
@@ -82,6 +87,14 @@ def main() -> None:
             )
         if len(per_case) > 1:
             table += ["", paired_difference(per_case)]
+            diff = (list(per_case.values())[-1] - list(per_case.values())[0]).dropna()
+            number = diff.index.str.extract(r"(\d+)$", expand=False).astype(int).to_numpy()
+            for block in args.blocks:
+                first, last = (int(n) for n in block.split("-"))
+                inside = diff[(number >= first) & (number <= last)]
+                table.append(f"- cases {block}: {inside.mean():+.3f} ({len(inside)} patients)")
+        if args.references:
+            table += ["", *by_grade(args.held_out, lower_grade(args.references))]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
@@ -98,6 +111,37 @@ def main() -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(args.output / "learning_curves.png", dpi=110)
+
+
+def lower_grade(folder: Path) -> dict[str, bool]:
+    """Per reference case: True when its enhancing tumour is under 15 % of its tumour core."""
+    from tumorseg.data.readers import list_cases
+
+    grade = {}
+    for ref in list_cases(folder):
+        seg = ref.load().seg  # canonical: 1 NCR, 2 ED, 3 ET
+        grade[ref.case_id] = (seg == 3).sum() < 0.15 * np.isin(seg, (1, 3)).sum()
+    return grade
+
+
+def by_grade(held_out: list[str], lower: dict[str, bool]) -> list[str]:
+    """Mean WT/TC/ET Dice of each held-out CSV, split by grade."""
+    lines = [
+        "| checkpoint | grade | n | WT | TC | ET | mean |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for item in held_out:
+        label, csv = item.split("=", 1)
+        dice = pd.read_csv(csv).pivot(index="case_id", columns="region", values="dice")
+        dice = dice[["wt", "tc", "et"]]
+        low = dice.index.map(lambda case: lower[case]).to_numpy(bool)
+        for name, part in (("high", dice[~low]), ("lower", dice[low])):
+            mean = part.mean()
+            lines.append(
+                f"| {label} | {name} | {len(part)} | {mean['wt']:.3f} | {mean['tc']:.3f} "
+                f"| {mean['et']:.3f} | {mean.mean():.3f} |"
+            )
+    return lines
 
 
 def paired_difference(per_case: dict[str, pd.Series]) -> str:
