@@ -75,26 +75,23 @@ def main() -> None:
             "| checkpoint, patients | n | WT | TC | ET | mean |",
             "|---:|---:|---:|---:|---:|---:|",
         ]
-        per_case = {}
+        held = {}  # label -> WT/TC/ET Dice per case
         for item in args.held_out:
             label, csv = item.split("=", 1)
             dice = pd.read_csv(csv).pivot(index="case_id", columns="region", values="dice")
-            mean = dice[["wt", "tc", "et"]].mean()
-            per_case[label] = dice[["wt", "tc", "et"]].mean(axis=1)
-            table.append(
-                f"| {label} | {len(dice)} | {mean['wt']:.3f} | {mean['tc']:.3f} "
-                f"| {mean['et']:.3f} | {mean.mean():.3f} |"
-            )
-        if len(per_case) > 1:
-            table += ["", paired_difference(per_case)]
-            diff = (list(per_case.values())[-1] - list(per_case.values())[0]).dropna()
+            held[label] = dice[["wt", "tc", "et"]]
+            table.append(dice_row(label, held[label]))
+        if len(held) > 1:
+            (first, a), (last, b) = list(held.items())[0], list(held.items())[-1]
+            diff = (b.mean(axis=1) - a.mean(axis=1)).dropna()
+            table += ["", paired_difference(diff, first, last)]
             number = diff.index.str.extract(r"(\d+)$", expand=False).astype(int).to_numpy()
             for block in args.blocks:
-                first, last = (int(n) for n in block.split("-"))
-                inside = diff[(number >= first) & (number <= last)]
+                start, stop = (int(n) for n in block.split("-"))
+                inside = diff[(number >= start) & (number <= stop)]
                 table.append(f"- cases {block}: {inside.mean():+.3f} ({len(inside)} patients)")
         if args.references:
-            table += ["", *by_grade(args.held_out, lower_grade(args.references))]
+            table += ["", *by_grade(held, lower_grade(args.references))]
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
@@ -113,49 +110,52 @@ def main() -> None:
     fig.savefig(args.output / "learning_curves.png", dpi=110)
 
 
+def dice_row(label: str, dice: pd.DataFrame, *extra: str) -> str:
+    """A Markdown row: label, extra columns, n, mean WT/TC/ET Dice and their mean."""
+    mean = dice.mean()
+    cells = [label, *extra, str(len(dice))]
+    cells += [f"{mean[r]:.3f}" for r in ("wt", "tc", "et")] + [f"{mean.mean():.3f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def lower_grade(folder: Path) -> dict[str, bool]:
-    """Per reference case: True when its enhancing tumour is under 15 % of its tumour core."""
-    from tumorseg.data.readers import list_cases
+    """Per reference case: True when its enhancing tumour is under 15 % of its tumour core
+    (segmentations only, found as tumorseg-evaluate finds them)."""
+    from tumorseg.data.nifti import read_nifti
+    from tumorseg.evaluation import reference_files
+    from tumorseg.labels import to_canonical
 
     grade = {}
-    for ref in list_cases(folder):
-        seg = ref.load().seg  # canonical: 1 NCR, 2 ED, 3 ET
-        grade[ref.case_id] = (seg == 3).sum() < 0.15 * np.isin(seg, (1, 3)).sum()
+    for case_id, ref in reference_files(folder).items():
+        raw, _ = read_nifti(ref.path, dtype=None)
+        seg = to_canonical(raw, ref.convention or "brats2020", str(ref.path))  # 1 NCR, 3 ET
+        grade[case_id] = (seg == 3).sum() < 0.15 * np.isin(seg, (1, 3)).sum()
     return grade
 
 
-def by_grade(held_out: list[str], lower: dict[str, bool]) -> list[str]:
-    """Mean WT/TC/ET Dice of each held-out CSV, split by grade."""
+def by_grade(held: dict[str, pd.DataFrame], lower: dict[str, bool]) -> list[str]:
+    """Mean WT/TC/ET Dice of each held-out set, split by grade."""
     lines = [
         "| checkpoint | grade | n | WT | TC | ET | mean |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for item in held_out:
-        label, csv = item.split("=", 1)
-        dice = pd.read_csv(csv).pivot(index="case_id", columns="region", values="dice")
-        dice = dice[["wt", "tc", "et"]]
-        low = dice.index.map(lambda case: lower[case]).to_numpy(bool)
-        for name, part in (("high", dice[~low]), ("lower", dice[low])):
-            mean = part.mean()
-            lines.append(
-                f"| {label} | {name} | {len(part)} | {mean['wt']:.3f} | {mean['tc']:.3f} "
-                f"| {mean['et']:.3f} | {mean.mean():.3f} |"
-            )
+    for label, dice in held.items():
+        low = dice.index.map(lower).to_numpy(bool)
+        lines += [dice_row(label, dice[~low], "high"), dice_row(label, dice[low], "lower")]
     return lines
 
 
-def paired_difference(per_case: dict[str, pd.Series]) -> str:
-    """Last label against the first, paired by case: mean difference, bootstrap 95 % interval
-    (10,000 resamples of the cases, seed 0), Wilcoxon signed-rank p-value."""
-    (first, a), (last, b) = list(per_case.items())[0], list(per_case.items())[-1]
-    diff = (b - a).dropna().to_numpy()
+def paired_difference(diff: pd.Series, first: str, last: str) -> str:
+    """Per-case differences ``last - first``: mean, bootstrap 95 % interval (10,000 resamples
+    of the cases, seed 0), Wilcoxon signed-rank p-value."""
+    values = diff.to_numpy()
     rng = np.random.default_rng(0)
-    boot = rng.choice(diff, (10_000, len(diff))).mean(axis=1)
+    boot = rng.choice(values, (10_000, len(values))).mean(axis=1)
     low, high = np.percentile(boot, [2.5, 97.5])
     return (
-        f"Paired, {last} against {first} ({len(diff)} patients, mean of WT/TC/ET Dice per "
-        f"patient): {diff.mean():+.3f} (95 % bootstrap interval {low:+.3f} to {high:+.3f}; "
-        f"Wilcoxon p = {wilcoxon(diff).pvalue:.1e}; better on {(diff > 0).sum()} patients)."
+        f"Paired, {last} against {first} ({len(values)} patients, mean of WT/TC/ET Dice per "
+        f"patient): {values.mean():+.3f} (95 % bootstrap interval {low:+.3f} to {high:+.3f}; "
+        f"Wilcoxon p = {wilcoxon(values).pvalue:.1e}; better on {(values > 0).sum()} patients)."
     )
 
 
