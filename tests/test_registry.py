@@ -1,4 +1,4 @@
-"""Models in MLflow: a training run logs its best checkpoint as an MLflow model and registers
+"""Models in MLflow: a training run logs its kept checkpoint as an MLflow model and registers
 it; tumorseg-predict finds the checkpoint again from ``--run``, ``runs:/`` and ``models:/``
 URIs without running code from the store; a study's best trial becomes ``@champion``; the
 model loaded by ``mlflow.pyfunc.load_model`` also segments case folders given as paths, as

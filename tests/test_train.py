@@ -81,3 +81,26 @@ def test_run_that_fails_after_fit_is_failed_in_mlflow(tmp_path, demo_root, monke
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_run_keeps_the_final_weights(tmp_path, demo_root):
+    """The model a run keeps (its MLflow checkpoint, what tumorseg-predict --run loads, the
+    test stage's weights) holds the weights after the last epoch, and the score the run
+    returns (a sweep's objective) is that epoch's validation Dice, not the best epoch's."""
+    from mlflow.tracking import MlflowClient
+
+    from tumorseg.registry import checkpoint_from_run
+
+    cfg = compose_tiny(tmp_path, demo_root, ["trainer.max_epochs=3", "test=false"])
+    score = run(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    history = client.get_metric_history(found.info.run_id, "val/dice_mean")
+    values = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(values) == 3 and score == pytest.approx(values[-1])
+    kept = checkpoint_from_run(found.info.run_id, client.tracking_uri, tmp_path / "download")
+    kept = torch.load(kept, weights_only=False)
+    last = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert kept["epoch"] == last["epoch"] == 2
+    for name, tensor in last["state_dict"].items():
+        assert torch.equal(kept["state_dict"][name], tensor), name

@@ -4,7 +4,8 @@
         [--held-out LABEL=CSV ...] [--blocks 21-36 41-56 ...] [--references DIR]
 
 Reads the runs of the MLflow experiment ``demo_calibration`` (with their status) and writes
-``results.md`` (case-level test Dice, best pooled validation Dice, epochs; with --held-out,
+``results.md`` (case-level test Dice, the epoch whose weights the run kept and its pooled
+validation Dice, the best pooled validation Dice, epochs; with --held-out,
 also the mean case Dice of each ``tumorseg-evaluate`` CSV, under its label, and the paired
 difference of the last CSV against the first: per patient the mean of its WT, TC and ET Dice,
 the mean difference with a 95 % bootstrap interval, and a Wilcoxon signed-rank p-value; with
@@ -59,14 +60,17 @@ def main() -> None:
         m = run.data.metrics
         test = [m.get(f"test/dice_{r}", float("nan")) for r in ("wt", "tc", "et")]
         best = max(hist["mean"], key=lambda x: x.value)
+        kept = kept_epoch(client, run_id)
+        at_kept = f"{hist['mean'][kept - 1].value:.3f}" if kept else "–"
         rows.append(
             f"| {epochs} | {test[0]:.3f} | {test[1]:.3f} | {test[2]:.3f} | {sum(test) / 3:.3f} "
-            f"| {best.value:.3f} | {len(hist['mean'])} | {run.info.status} | `{run.info.run_id}` |"
+            f"| {kept or '–'} | {at_kept} | {best.value:.3f} | {len(hist['mean'])} "
+            f"| {run.info.status} | `{run.info.run_id}` |"
         )
     table = [
-        "| max epochs | test WT | test TC | test ET | test mean | best val mean (pooled) "
-        "| epochs logged | status | run |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| max epochs | test WT | test TC | test ET | test mean | kept epoch "
+        "| val mean, kept (pooled) | best val mean | epochs logged | status | run |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
         *rows,
     ]
     if args.held_out:
@@ -108,6 +112,14 @@ def main() -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(args.output / "learning_curves.png", dpi=110)
+
+
+def kept_epoch(client: MlflowClient, run_id: str) -> int | None:
+    """The epoch (from 1) of the checkpoint the run kept, from its ``checkpoints/epoch_XXX.ckpt``
+    artifact (XXX counts from 0)."""
+    names = [Path(f.path).stem for f in client.list_artifacts(run_id, "checkpoints")]
+    epochs = [int(n.split("_")[1]) for n in names if n.startswith("epoch_")]
+    return epochs[-1] + 1 if epochs else None
 
 
 def dice_row(label: str, dice: pd.DataFrame, *extra: str) -> str:

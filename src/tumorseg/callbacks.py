@@ -1,4 +1,4 @@
-"""Records a run in MLflow: params, config, data sets, best checkpoint, preview PNG, system
+"""Records a run in MLflow: params, config, data sets, kept checkpoint, preview PNG, system
 metrics."""
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
 
 class MlflowArtifacts(L.Callback):
     """Logs the run's params, config YAML, data manifest and data set inputs (training, validation,
-    test) at fit start; the best checkpoint and a PNG of fixed validation slices (FLAIR, ground
+    test) at fit start; the kept checkpoint and a PNG of fixed validation slices (FLAIR, ground
     truth, prediction) at fit end."""
 
     def __init__(self, preview_slices: int = 4) -> None:

@@ -1,4 +1,4 @@
-"""The MLflow side of trained models: logging a run's best checkpoint as an MLflow model,
+"""The MLflow side of trained models: logging a run's kept checkpoint as an MLflow model,
 registering it, and finding a checkpoint again from a run id or a model URI.
 
 The model itself is ``tumorseg/mlflow_model.py``, logged as an MLflow *model from code*; see
@@ -216,7 +216,7 @@ def checkpoint_from_model(uri: str, tracking_uri: str, dst: Path) -> Path:
 
 
 def checkpoint_from_run(run_id: str, tracking_uri: str, dst: Path) -> Path:
-    """Run ``run_id``'s best checkpoint (its ``checkpoints/`` artifact; ``last.ckpt`` only when
+    """Run ``run_id``'s kept checkpoint (its ``checkpoints/`` artifact; ``last.ckpt`` only when
     it is the only one), downloaded into ``dst``."""
     from mlflow import MlflowClient
 
@@ -240,7 +240,7 @@ def resolve_checkpoint(
     checkpoint: Path | None, run: str | None, model: str | None, tracking_uri: str, dst: Path
 ) -> Path:
     """The checkpoint file named by exactly one of ``checkpoint`` (a file), ``run`` (a run id:
-    its best checkpoint) or ``model`` (an MLflow model URI), downloaded into ``dst`` if needed."""
+    the checkpoint it kept) or ``model`` (an MLflow model URI), downloaded into ``dst`` if needed."""
     if checkpoint is not None:
         return checkpoint
     if run is not None:

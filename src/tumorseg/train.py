@@ -50,7 +50,7 @@ def _sweep_tags() -> dict[str, str]:
 
 
 def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
-    """Predict the test cases volume by volume with the best checkpoint, from the raw cases as
+    """Predict the test cases volume by volume with the kept checkpoint, from the raw cases as
     ``tumorseg-predict`` would (store volumes when ``data.root`` is a store); log the scores."""
     from itertools import islice
 
@@ -80,8 +80,8 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
     return means
 
 
-def log_best_model(cfg: DictConfig, trainer, logger) -> None:
-    """The best checkpoint as the run's MLflow model ``model`` (``tumorseg.mlflow_model``),
+def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
+    """The kept checkpoint as the run's MLflow model ``model`` (``tumorseg.mlflow_model``),
     registered as ``registered_model_name`` when that is set."""
     from pathlib import Path
 
@@ -97,7 +97,8 @@ def log_best_model(cfg: DictConfig, trainer, logger) -> None:
 
 
 def run(cfg: DictConfig) -> float | None:
-    """Train (and test) as ``cfg`` says; returns the best ``val/dice_mean``."""
+    """Train (and test) as ``cfg`` says; returns the kept checkpoint's ``val/dice_mean``
+    (its epoch's; ``conf/callbacks/default.yaml`` says which epoch a run keeps)."""
     import lightning as L
 
     quiet()
@@ -149,7 +150,7 @@ def run(cfg: DictConfig) -> float | None:
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     try:
         if logger is not None and trainer.is_global_zero and cfg.get("log_model", True):
-            log_best_model(cfg, trainer, logger)
+            log_kept_model(cfg, trainer, logger)
         if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
             run_test_stage(cfg, trainer, model, datamodule, logger)
     except BaseException:

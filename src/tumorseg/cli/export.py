@@ -2,7 +2,7 @@
 
 ``tumorseg-export --checkpoint CKPT | --run RUN_ID | --model URI --format onnx|torchscript
 --output FILE`` writes the net with its input size, preprocessing and label convention in the
-file's metadata (``tumorseg.export``). ``--run`` takes the run's best checkpoint from its
+file's metadata (``tumorseg.export``). ``--run`` takes the run's kept checkpoint from its
 ``checkpoints/`` artifacts; ``--model`` an MLflow model (``runs:/<run_id>/model``,
 ``models:/<name>@<alias>``); both from ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
 the project's local store. Bad input prints one line and exits 2; nothing is written.
@@ -25,7 +25,7 @@ def add_source(parser: Parser) -> None:
     """``--checkpoint``, ``--run``, ``--model``, ``--tracking-uri`` and ``--trust-checkpoint``."""
     add = parser.add_argument
     add("--checkpoint", type=Path, metavar="CKPT", help="trained .ckpt (stores its config)")
-    add("--run", metavar="RUN_ID", help="an MLflow run: its best checkpoint")
+    add("--run", metavar="RUN_ID", help="an MLflow run: the checkpoint it kept")
     add("--model", metavar="URI", help="an MLflow model: runs:/<id>/model, models:/<name>@<alias>")
     add("--tracking-uri", metavar="URI", help="MLflow store (default: the project's)")
     add("--trust-checkpoint", action="store_true", help="load objects other than plain data")

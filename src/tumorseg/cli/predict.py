@@ -41,7 +41,7 @@ Checkpoints are read as data: one holding other objects is refused unless
 The model, one of:
 
 * ``--checkpoint CKPT``: a checkpoint file;
-* ``--run RUN_ID``: an MLflow run's best checkpoint (its ``checkpoints/`` artifacts);
+* ``--run RUN_ID``: an MLflow run's kept checkpoint (its ``checkpoints/`` artifacts);
 * ``--model URI``: an MLflow model, ``runs:/<run_id>/model``, ``models:/<name>@<alias>`` or
   ``models:/<name>/<version>``; its checkpoint artifact is downloaded and read as data, the
   model's Python source is never run (``tumorseg.mlflow_model``);
@@ -246,7 +246,7 @@ def build_parser() -> Parser:
     )
     add = parser.add_argument
     add("--checkpoint", type=Path, metavar="CKPT", help="trained .ckpt (stores its config)")
-    add("--run", metavar="RUN_ID", help="an MLflow run: its best checkpoint")
+    add("--run", metavar="RUN_ID", help="an MLflow run: the checkpoint it kept")
     add("--model", metavar="URI", help="an MLflow model: runs:/<id>/model, models:/<name>@<alias>")
     add("--onnx", type=Path, metavar="FILE", help="a tumorseg-export ONNX file (onnxruntime)")
     add("--tracking-uri", metavar="URI", help="MLflow store for --run/--model (default: project)")
