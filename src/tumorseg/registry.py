@@ -240,7 +240,8 @@ def resolve_checkpoint(
     checkpoint: Path | None, run: str | None, model: str | None, tracking_uri: str, dst: Path
 ) -> Path:
     """The checkpoint file named by exactly one of ``checkpoint`` (a file), ``run`` (a run id:
-    the checkpoint it kept) or ``model`` (an MLflow model URI), downloaded into ``dst`` if needed."""
+    the checkpoint it kept) or ``model`` (an MLflow model URI), downloaded into ``dst`` if
+    needed."""
     if checkpoint is not None:
         return checkpoint
     if run is not None:
