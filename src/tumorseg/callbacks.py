@@ -110,9 +110,9 @@ class MlflowArtifacts(L.Callback):
         if logger is None:
             return
         client, run_id = logger.experiment, logger.run_id
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if best and Path(best).exists():
-            client.log_artifact(run_id, best, "checkpoints")
+        kept = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if kept and Path(kept).exists():
+            client.log_artifact(run_id, kept, "checkpoints")
         if self.preview_slices and hasattr(trainer.datamodule, "preview"):
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "val_preview.png"

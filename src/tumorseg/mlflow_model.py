@@ -3,7 +3,7 @@
 The model is an MLflow *model from code*: ``mlflow.pyfunc.log_model`` is given the path of this
 file, which MLflow copies into the model folder and, on ``mlflow.pyfunc.load_model``, runs as
 source (it imports the installed ``tumorseg`` package and calls ``mlflow.models.set_model``).
-Nothing is cloudpickled. The weights are the run's kept checkpoint, kept as the model artifact
+Nothing is cloudpickled. The weights are the run's kept checkpoint, stored as the model artifact
 ``checkpoint`` and read by ``tumorseg.inference.load_for_inference`` as data
 (``torch.load(weights_only=True)``), so the model predicts through the project's own inference
 (the checkpoint's recorded preprocessing, replayed).

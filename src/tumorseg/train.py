@@ -58,8 +58,8 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
     from tumorseg.inference import load_for_inference
 
     ckpt = trainer.checkpoint_callback
-    best_path = ckpt.best_model_path if ckpt is not None else ""
-    module = load_for_inference(best_path, model.device) if best_path else model
+    kept = ckpt.best_model_path if ckpt is not None else ""  # Lightning's name for the kept one
+    module = load_for_inference(kept, model.device) if kept else model
     test_cases, val_cases = datamodule.raw_cases("test"), datamodule.raw_cases("val")
     normalised = test_cases is None
     if normalised:
@@ -88,11 +88,11 @@ def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
     from tumorseg.registry import log_model
 
     ckpt = trainer.checkpoint_callback
-    best = ckpt.best_model_path if ckpt is not None else ""
-    if not best or not Path(best).is_file():
+    kept = ckpt.best_model_path if ckpt is not None else ""
+    if not kept or not Path(kept).is_file():
         return
     name = cfg.get("registered_model_name")
-    info = log_model(best, logger.run_id, logger._tracking_uri, name)
+    info = log_model(kept, logger.run_id, logger._tracking_uri, name)
     log.info("MLflow model %s%s", info.model_uri, f", registered as {name}" if name else "")
 
 
@@ -147,7 +147,9 @@ def run(cfg: DictConfig) -> float | None:
     if cfg.get("train", True):
         with ddp_job(config, cfg.paths.output_dir):  # DDP children run this job, nothing else
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    # monitored: the kept (best) epoch's score; not monitored (the default): None, and the
+    # last validation's value below is the kept epoch's
+    score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     try:
         if logger is not None and trainer.is_global_zero and cfg.get("log_model", True):
             log_kept_model(cfg, trainer, logger)
@@ -159,11 +161,11 @@ def run(cfg: DictConfig) -> float | None:
         if logger is not None and trainer.is_global_zero:
             logger.experiment.set_terminated(logger.run_id, "FAILED")
         raise
-    if best is None:
-        best = trainer.callback_metrics.get("val/dice_mean")
+    if score is None:
+        score = trainer.callback_metrics.get("val/dice_mean")
     if logger is not None and _is_rank_zero():
         log.info("%s", run_link(logger))
-    return float(best) if best is not None else None
+    return float(score) if score is not None else None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
