@@ -19,6 +19,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+from packaging.version import Version
 
 from tests.conftest import compose_tiny
 from tumorseg.cli.predict import main as predict_main
@@ -28,7 +29,7 @@ from tumorseg.data.readers import BRATS_AFFINE, list_cases
 from tumorseg.errors import DataError
 from tumorseg.inference import load_for_inference, predict_case
 from tumorseg.labels import to_canonical
-from tumorseg.registry import using
+from tumorseg.registry import pin, pinned_requirements, using
 from tumorseg.train import run
 
 NAME = "tumorseg-test"
@@ -105,7 +106,11 @@ def test_best_checkpoint_is_logged_as_a_model_from_code(trained):
     assert inputs[0]["tensor-spec"] == {"dtype": "float32", "shape": [4, -1, -1, -1]}
     assert spec["saved_input_example_info"]["type"] == "ndarray"
     requirements = (folder / "requirements.txt").read_text().split()
-    assert "torch==" + __import__("torch").__version__ in requirements
+    # the pin a user on another machine can install: the public version, without the local
+    # label of the installed build (2.14.1+cu130, 2.13.0+cpu), which no other index resolves
+    public = Version(__import__("torch").__version__).public
+    assert "torch==" + public in requirements
+    assert not any("+" in line for line in requirements), requirements
     assert all("==" in line for line in requirements), requirements
     with using(trained["uri"]):
         run = mlflow.get_run(trained["run_id"])
@@ -298,3 +303,28 @@ def test_store_that_does_not_exist_is_one_line_and_not_created(demo_root, tmp_pa
     assert captured.err.strip().splitlines() == [
         f"tumorseg-{prog}: error: MLflow store {uri} does not exist"
     ]
+
+
+@pytest.mark.parametrize(
+    ("installed", "pinned"),
+    [
+        ("2.14.1+cu130", "torch==2.14.1"),
+        ("2.13.0+cpu", "torch==2.13.0"),
+        ("2.5.1+rocm6.2", "torch==2.5.1"),
+        ("2.13.0", "torch==2.13.0"),
+        ("2.6.0rc1", "torch==2.6.0rc1"),
+    ],
+)
+def test_pin_drops_the_local_label_of_a_build(installed, pinned):
+    """A build's local label (+cu130, +cpu, +rocm6.2) resolves on no other index: the pin keeps
+    the public version, pre-releases included."""
+    assert pin("torch", installed) == pinned
+
+
+def test_pinned_requirements_are_installable_pins_of_the_core_dependencies():
+    """Every core dependency pinned with ==, none with a local label, no extras' packages."""
+    pins = pinned_requirements()
+    names = {line.split("==")[0].lower() for line in pins}
+    assert {"torch", "lightning", "mlflow", "nibabel"} <= names
+    assert "pytest" not in names and "onnxruntime" not in names  # dev/export extras
+    assert all("==" in line and "+" not in line for line in pins), pins

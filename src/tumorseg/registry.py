@@ -35,9 +35,18 @@ EXAMPLE_SHAPE = (4, 8, 8, 4)  # input example: small, so that logging stays quic
 # ---------------------------------------------------------------- logging a model
 
 
+def pin(name: str, version: str) -> str:
+    """``name==version`` with the version's public part: a local label (``2.14.1+cu130``,
+    ``2.13.0+cpu``) names a build of one package index and would not resolve from PyPI on
+    another machine, so it is dropped."""
+    from packaging.version import Version
+
+    return f"{name}=={Version(version).public}"
+
+
 def pinned_requirements() -> list[str]:
     """The project's dependencies (``tumorseg``'s core ``Requires-Dist``), each pinned to the
-    installed version."""
+    installed version's public part (:func:`pin`)."""
     from packaging.requirements import Requirement
 
     pins = []
@@ -46,7 +55,7 @@ def pinned_requirements() -> list[str]:
         if req.marker is not None and "extra" in str(req.marker):
             continue
         try:
-            pins.append(f"{req.name}=={metadata.version(req.name)}")
+            pins.append(pin(req.name, metadata.version(req.name)))
         except metadata.PackageNotFoundError:
             pins.append(str(req))
     return pins
