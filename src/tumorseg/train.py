@@ -80,6 +80,78 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
     return means
 
 
+CASE_LEVEL = ("val/case_dice", "predict/seconds_per_case")  # need the validation cases predicted
+
+
+def objective_names(cfg: DictConfig) -> list[str]:
+    """``optimized_metric`` as a list (one name, or several for a multi-objective study)."""
+    names = cfg.get("optimized_metric") or "val/dice_mean"
+    return [names] if isinstance(names, str) else [str(n) for n in names]
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and getattr(HydraConfig.get().mode, "name", "") == "MULTIRUN"
+
+
+def validate_cases(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
+    """Predict the validation patients volume by volume with the kept checkpoint (the test
+    stage's path), log their case-level Dice, its noise and the seconds per case."""
+    from tumorseg.case_eval import case_dice, validation_scores
+    from tumorseg.inference import load_for_inference
+
+    ckpt = trainer.checkpoint_callback
+    kept = ckpt.best_model_path if ckpt is not None else ""
+    module = load_for_inference(kept, model.device) if kept else model
+    module.eval()
+    cases = datamodule.raw_cases("val")
+    normalised = cases is None
+    if normalised:
+        cases = datamodule.iter_cases("val")
+    table = case_dice(module, cases, normalised=normalised)
+    if table.empty:
+        return {}
+    scores = validation_scores(table)
+    if logger is not None:
+        logger.log_metrics(scores, step=trainer.global_step)
+    log.info(
+        "validation (case-level, %d patients): dice_mean %.4f ± %.4f, %.2f s per case",
+        table["case_id"].nunique(),
+        scores["val/case_dice_mean"],
+        scores.get("val/case_dice_mean_stderr", float("nan")),
+        scores["predict/seconds_per_case"],
+    )
+    return scores
+
+
+def objective(cfg: DictConfig, trainer, measured: dict[str, float], score: Any) -> Any:
+    """What the run returns to a sweep: a ``Score`` per ``optimized_metric`` (a list for several),
+    with its standard error where the run measured one. ``val/dice_mean`` is the kept epoch's
+    pooled value (``score``), as the pruner saw it each epoch."""
+    from tumorseg.objective import Score
+
+    names = objective_names(cfg)
+    values = []
+    for name in names:
+        if name == "val/dice_mean" and score is not None:
+            value = float(score)
+        elif name in measured:
+            value = measured[name]
+        elif name in trainer.callback_metrics:
+            value = float(trainer.callback_metrics[name])
+        else:
+            if not trainer.is_global_zero:
+                return None
+            raise DataError(
+                f"optimized_metric {name!r}: the run measured no such metric (known: "
+                "val/dice_mean, val/case_dice_mean, model/params, predict/seconds_per_case, "
+                "or any logged val/* metric)"
+            )
+        values.append(Score(value, measured.get(f"{name}_stderr"), name))
+    return values[0] if len(values) == 1 else values
+
+
 def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
     """The kept checkpoint as the run's MLflow model ``model`` (``tumorseg.mlflow_model``),
     registered as ``registered_model_name`` when that is set."""
@@ -96,9 +168,12 @@ def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
     log.info("MLflow model %s%s", info.model_uri, f", registered as {name}" if name else "")
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Train (and test) as ``cfg`` says; returns the kept checkpoint's ``val/dice_mean``
-    (its epoch's; ``conf/callbacks/default.yaml`` says which epoch a run keeps)."""
+def run(cfg: DictConfig) -> Any:
+    """Train (and test) as ``cfg`` says; returns the kept checkpoint's ``optimized_metric``
+    (``tumorseg.objective.Score``; a list of them for several metrics), ``val/dice_mean`` by
+    default (its epoch's; ``conf/callbacks/default.yaml`` says which epoch a run keeps). In a
+    multirun, or when a metric needs it, the validation patients are also predicted volume by
+    volume (``val/case_dice_*``, the objective's standard error, ``predict/seconds_per_case``)."""
     import lightning as L
 
     quiet()
@@ -150,7 +225,17 @@ def run(cfg: DictConfig) -> float | None:
     # monitored: the kept (best) epoch's score; not monitored (the default): None, and the
     # last validation's value below is the kept epoch's
     score = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    measured: dict[str, float] = {}
     try:
+        if trainer.is_global_zero:
+            measured["model/params"] = float(sum(p.numel() for p in model.net.parameters()))
+            if logger is not None:
+                logger.log_metrics({"model/params": measured["model/params"]})
+        names = objective_names(cfg)
+        case_level = any(n.startswith(CASE_LEVEL) for n in names) or _in_multirun()
+        fitted = cfg.get("train", True) and not trainer.fast_dev_run
+        if case_level and fitted and trainer.is_global_zero:
+            measured.update(validate_cases(cfg, trainer, model, datamodule, logger))
         if logger is not None and trainer.is_global_zero and cfg.get("log_model", True):
             log_kept_model(cfg, trainer, logger)
         if cfg.get("test") and not trainer.fast_dev_run and trainer.is_global_zero:
@@ -165,7 +250,9 @@ def run(cfg: DictConfig) -> float | None:
         score = trainer.callback_metrics.get("val/dice_mean")
     if logger is not None and _is_rank_zero():
         log.info("%s", run_link(logger))
-    return float(score) if score is not None else None
+    if score is None and objective_names(cfg) == ["val/dice_mean"]:
+        return None
+    return objective(cfg, trainer, measured, score)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
