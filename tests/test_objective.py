@@ -17,7 +17,13 @@ from tumorseg.objective import Score, fold_mean
 from tumorseg.train import run
 
 # two validation patients out of the four demo cases, one training and one test patient
-TWO_VAL = ["data.val_fraction=0.5", "test=false", "trainer.max_epochs=1", "~logger", "callbacks.lr_monitor=null"]
+TWO_VAL = [
+    "data.val_fraction=0.5",
+    "test=false",
+    "trainer.max_epochs=1",
+    "~logger",
+    "callbacks.lr_monitor=null",
+]
 
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
