@@ -691,11 +691,14 @@ def save_boxplot(means: pd.DataFrame, variants: Sequence[str], path: Path) -> No
 # ---------------------------------------------------------------- output
 
 
-def write_files(output: Path, writers: dict[str, Callable[[Path], None]]) -> list[Path]:
+def write_files(
+    output: Path, writers: dict[str, Callable[[Path], None]], files: Sequence[str] = FILES
+) -> list[Path]:
     """Write every file into a temporary folder beside ``output``, then move them in.
 
-    Report files of an earlier run that this one does not write are removed; other files in
-    ``output`` (a README, say) are kept. If a writer fails, ``output`` is left untouched.
+    Report files (``files``) of an earlier run that this one does not write are removed;
+    other files in ``output`` (a README, say) are kept. If a writer fails, ``output`` is
+    left untouched.
     """
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -703,7 +706,7 @@ def write_files(output: Path, writers: dict[str, Callable[[Path], None]]) -> lis
         for name, writer in writers.items():
             writer(tmp / name)
         output.mkdir(exist_ok=True)
-        for name in FILES:
+        for name in files:
             if name in writers:
                 os.replace(tmp / name, output / name)
             else:

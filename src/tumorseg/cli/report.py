@@ -1,7 +1,9 @@
 """``tumorseg-report``: compare model variants from their MLflow runs (see
-``tumorseg.comparison`` for what is read and written)::
+``tumorseg.comparison`` for what is read and written), or a study's best trial with its
+baseline on the test patients (``tumorseg.study_report``)::
 
     tumorseg-report --experiment variant_comparison --output experiments/variant_comparison
+    tumorseg-report --study tumorseg-unet [--storage sqlite:///mlruns/optuna.db] [--trial N]
 """
 
 from __future__ import annotations
@@ -16,16 +18,29 @@ from tumorseg.comparison import build_report, log_report, open_client, write_fil
 from tumorseg.errors import DataError, first_line
 
 PROG = "tumorseg-report"
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # conf/hparams_search's, from the project root
 
 
 # ---------------------------------------------------------------- command line
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description="Compare model variants from their MLflow runs.")
+    parser = Parser(
+        prog=PROG,
+        description="Compare model variants from their MLflow runs (--experiment), or a "
+        "study's best trial with its baseline trial 0 on the test patients (--study).",
+    )
     add = parser.add_argument
-    add("--experiment", required=True, help="MLflow experiment name")
-    add("--output", type=Path, help="output folder (default reports/<experiment>)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--experiment", help="MLflow experiment name")
+    which.add_argument("--study", help="Optuna study name (hparams_search's study_name)")
+    add(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help=f"the study's Optuna storage URL (default {DEFAULT_STORAGE})",
+    )
+    add("--trial", type=int, help="with --study: compare this trial, not the best")
+    add("--output", type=Path, help="output folder (default reports/<experiment or study>)")
     add("--tracking-uri", metavar="URI", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI)")
     add("--filter", metavar="EXPR", help="extra MLflow run filter, e.g. \"tags.sweep = '...'\"")
     add("--metric-prefix", default="test", help="metrics <prefix>/dice_wt ... (default test)")
@@ -35,8 +50,10 @@ def build_parser() -> Parser:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    if args.trial is not None and not args.study:
+        raise ArgError("--trial needs --study")
     if args.output is None:
-        args.output = Path("reports") / args.experiment
+        args.output = Path("reports") / (args.study or args.experiment)
     if args.output.exists() and not args.output.is_dir():
         raise ArgError(f"--output {args.output} is not a folder")
     if not args.metric_prefix.strip("/"):
@@ -60,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from tumorseg.tracking import tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
+    if args.study:
+        return study_main(args, uri)
     try:
         client = open_client(uri)
         experiment_id, writers, context = build_report(
@@ -83,6 +102,37 @@ def main(argv: list[str] | None = None) -> int:
         error(f"cannot log the report to MLflow at {uri}: {first_line(err)}")
         return 1
     print(f"logged to MLflow run {run_id} (name report) in experiment {args.experiment!r}")
+    return 0
+
+
+def study_main(args: argparse.Namespace, uri: str) -> int:
+    """``--study``: the best trial against trial 0 on the test patients, and the rank
+    agreement of the objective with the test Dice."""
+    from tumorseg.study_report import build_study_report, load_study, log_to_parent
+    from tumorseg.study_report import write_study_files as write
+
+    try:
+        client = open_client(uri)
+        study = load_study(args.study, args.storage)
+        writers, numbers = build_study_report(client, study, args.trial)
+    except DataError as err:
+        error(str(err))
+        return 2
+    try:
+        paths = write(args.output, writers)
+    except OSError as err:
+        error(f"cannot write {args.output}: {err}")
+        return 1
+    print("wrote " + ", ".join(str(p) for p in paths))
+    text = (args.output / "study.md").read_text()
+    print(text.split("\n## Trials")[0].rstrip())
+    try:
+        run_id = log_to_parent(client, args.study, paths, numbers)
+    except Exception as err:  # store failures: the files are already written
+        error(f"cannot log the report to MLflow at {uri}: {first_line(err)}")
+        return 1
+    if run_id:
+        print(f"logged to the study's parent run {run_id} (report/)")
     return 0
 
 
