@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from tumorseg.labels import labels_from_regions
-from tumorseg.tracking import dataset_inputs, flatten
+from tumorseg.tracking import compared_params, dataset_inputs, varied_keys
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -96,7 +96,7 @@ class MlflowArtifacts(L.Callback):
         config = getattr(pl_module, "config", None)
         if logger is None or not config:
             return
-        logger.log_hyperparams(flatten(config))
+        logger.log_hyperparams(compared_params(config, varied_keys()))
         client, run_id = logger.experiment, logger.run_id
         client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
         manifest = getattr(trainer.datamodule, "manifest", None)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -213,6 +214,68 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# What runs are compared on, as MLflow params: MLflow's compare view opens its parallel-
+# coordinates plot on the first three params (sorted) whose values differ between the ticked
+# runs, so run-specific values (paths, checkpoint folders) must not be params. The full
+# resolved config stays the run's config.yaml artifact.
+COMPARED = (
+    "model.",  # every model hyper-parameter (``_partial_`` flags and targets aside)
+    "data.source",
+    "data.demo_cases",
+    "data.demo_difficulty",
+    "data.image_size",
+    "data.batch_size",
+    "data.augment",
+    "data.flip",
+    "data.foreground_ratio",
+    "data.skip_empty",
+    "data.fold",
+    "data.crop",
+    "trainer.max_epochs",
+    "trainer.precision",
+    "trainer.strategy",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
+    "seed",
+    "optimized_metric",
+)
+
+
+def compared_params(config: dict[str, Any], extra: Iterable[str] = ()) -> dict[str, Any]:
+    """The params a user compares runs on: the ``COMPARED`` keys of the flattened config, and
+    ``extra`` keys (a sweep's searched keys, a multirun's overridden ones) where the config
+    has them. ``model.net._target_`` is kept (it names the net); other targets are not."""
+    prefixes = tuple(w if w.endswith(".") else f"{w}." for w in (*COMPARED, *extra))
+    exact = {w for w in (*COMPARED, *extra) if not w.endswith(".")}
+
+    def keep(key: str) -> bool:
+        if key.endswith(("._partial_", "._target_")) and key != "model.net._target_":
+            return False
+        return key in exact or key.startswith(prefixes)
+
+    return {k: v for k, v in flatten(config).items() if keep(k)}
+
+
+def varied_keys() -> list[str]:
+    """Config keys a multirun varies in this job: the sweeper's searched ``params`` and the
+    job's command-line overrides (groups and paths aside); empty outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hc = HydraConfig.get()
+    if getattr(hc.mode, "name", "") != "MULTIRUN":
+        return []
+    keys = list((hc.sweeper.get("params") or {}).keys())
+    for override in hc.overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" in override and not key.startswith(("hydra", "paths", "logger", "data.root")):
+            keys.append(key)
+    return keys
 
 
 CONTEXTS = {"train": "training", "val": "validation", "test": "test"}  # split -> MLflow context
