@@ -176,6 +176,17 @@ def compare_all(browser, names: Iterable[str]) -> list[str]:
     return json.loads(query["runs"][0])
 
 
+def plot_axes(browser) -> tuple[list[str], list[str]]:
+    """The params and metrics the compare view's parallel-coordinates plot shows (the chips
+    of its Parameters: and Metrics: selects)."""
+    text = body_text(browser)
+    if "Parameters:" not in text or "Clear All" not in text:
+        return [], []
+    block = text.split("Parameters:", 1)[1].split("Clear All", 1)[0]
+    params, _, metrics = block.partition("Metrics:")
+    return params.split(), metrics.split()
+
+
 def save(browser, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not browser.save_screenshot(str(path)):

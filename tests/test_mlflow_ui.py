@@ -248,6 +248,12 @@ def test_runs_table_and_compare_view_in_chromium(trained, ui, browser):
     # the compare view of the three runs, from the table's selection
     compared = mlflow_browser.compare_all(browser, VARIANTS)
     assert sorted(compared) == sorted(ids)
+    # its parallel-coordinates plot opens on what the multirun varied (the variant) and the
+    # objective, not on run-specific params (checkpoint folders) or the learning rate
+    params, metrics_shown = mlflow_browser.plot_axes(browser)
+    assert params and all(p.startswith("model.") for p in params), params
+    assert "model.name" in params, params
+    assert metrics_shown == ["val/dice_mean"], metrics_shown
     mlflow_browser.save(browser, SHOTS / "compare_runs.png")
 
     # the run link train.py printed last opens that run's page

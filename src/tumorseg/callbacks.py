@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import matplotlib
@@ -66,7 +68,6 @@ def log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
     """``client.log_inputs``, tried again when parallel jobs register the same data set in the
     same experiment at the same moment (the store's unique constraint refuses the second
     insert; on the next try the data set exists and is reused)."""
-    import time
 
     from mlflow.exceptions import MlflowException
 
@@ -80,6 +81,18 @@ def log_inputs(client, run_id: str, inputs: list, attempts: int = 5) -> None:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def declare_objectives(client: Any, run_id: str, names: Any) -> None:
+    """Log each objective metric first, as NaN at step 0 ("not measured yet"; the measured
+    values follow at later steps and are the latest). MLflow's compare view opens its
+    parallel-coordinates plot on the first metric the ticked runs share, in the order each
+    run first logged them: the objective, not the learning rate logged at the first epoch."""
+    from mlflow.entities import Metric
+
+    names = [names] if isinstance(names, str) else list(names or ["val/dice_mean"])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(n, float("nan"), now, 0) for n in names])
 
 
 class MlflowArtifacts(L.Callback):
@@ -96,8 +109,11 @@ class MlflowArtifacts(L.Callback):
         config = getattr(pl_module, "config", None)
         if logger is None or not config:
             return
-        logger.log_hyperparams(compared_params(config, varied_keys()))
+        varied = varied_keys()
+        logger.log_hyperparams(compared_params(config, varied))
         client, run_id = logger.experiment, logger.run_id
+        if varied:  # a multirun: its runs are compared
+            declare_objectives(client, run_id, config.get("optimized_metric"))
         client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
         manifest = getattr(trainer.datamodule, "manifest", None)
         if manifest is not None:

@@ -209,7 +209,8 @@ def metric_history(client: MlflowClient, run_id: str, key: str = CURVE_METRIC) -
     one gets its rank among the steps. Where an epoch was logged twice (a resumed run), the
     later value counts.
     """
-    history = client.get_metric_history(run_id, key)
+    # NaN at step 0: the run declared its objective before measuring it
+    history = [m for m in client.get_metric_history(run_id, key) if not np.isnan(m.value)]
     if not history:
         return pd.DataFrame(columns=["epoch", "value"])
     epochs = {m.step: int(m.value) for m in client.get_metric_history(run_id, "epoch")}
