@@ -465,9 +465,11 @@ def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
 def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """Number, state, value(s), params and what else the trial recorded: standard error, fold
     values, baseline, and (for FAIL) the reason."""
-    out = {"number": trial.number, "state": trial.state.name, "value": trial.value}
+    out: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
     if trial.values is not None and len(trial.values) > 1:
-        out = {"number": trial.number, "state": trial.state.name, "values": trial.values}
+        out["values"] = trial.values
+    else:
+        out["value"] = trial.values[0] if trial.values else None
     out["params"] = trial.params
     for key in ("stderr", "fold_values", "baseline", "fail_reason"):
         if key in trial.user_attrs:
