@@ -10,7 +10,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import optuna
@@ -89,15 +88,15 @@ def test_trial_0_runs_the_config_as_given_once(tmp_path):
     assert trials[2].value in (1.0, 2.0)
 
 
-# uneven jobs: a quarter or so pruned at once, the others sleep 3.5 to 7 s; sampled by the
+# uneven jobs: about half pruned at once, the others sleep 5 to 8 s; sampled by the
 # random sampler (seed 0), so both schedules get the same durations
 UNEVEN = [
     "hydra/launcher=submitit_local",
     "hydra.sweeper.storage=null",
     "hydra.sweeper.n_jobs=3",
     "hydra.sweeper.n_trials=12",
-    "duration=interval(0.0,7.0)",
-    "prune_below=3.5",
+    "duration=interval(0.0,8.0)",
+    "prune_below=5.0",
 ]
 
 
@@ -105,31 +104,24 @@ UNEVEN = [
 @pytest.mark.slow
 def test_no_slot_idles_while_trials_remain(tmp_path):
     """Submitit jobs (local processes, as SLURM's would be): asynchronously, a new trial
-    starts as soon as any ends; in batches, each batch waits for its slowest trial. Both run at
-    once, each in its own folder."""
-    out: dict[str, subprocess.CompletedProcess] = {}
-
-    def sweep(schedule: str) -> None:
+    starts as soon as any ends; in batches, each batch waits for its slowest trial. One after
+    the other: jobs starting at once share the cores and last longer, masking the idle time."""
+    out = {}
+    for schedule in ("async", "batch"):
         (tmp_path / schedule).mkdir()
         out[schedule] = app(tmp_path / schedule, *UNEVEN, f"hydra.sweeper.schedule={schedule}")
-
-    threads = [threading.Thread(target=sweep, args=(s,)) for s in ("async", "batch")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
     util = {}
     for schedule, res in out.items():
         assert res.returncode == 0, res.stderr[-3000:]
         summary = results(tmp_path / schedule)
-        assert summary["states"]["PRUNED"] >= 2 and summary["states"]["COMPLETE"] >= 6
+        assert summary["states"]["PRUNED"] >= 2 and summary["states"]["COMPLETE"] >= 2
         assert summary["sweep"]["schedule"] == schedule and summary["sweep"]["slots"] == 3
         assert summary["sweep"]["jobs"] == 12
         util[schedule] = summary["sweep"]["utilisation"]
         log = res.stdout + res.stderr
         assert f"{schedule} schedule: slot utilisation {util[schedule]:.2f}" in log
     assert util["async"] >= 0.85, util
-    assert util["batch"] <= util["async"] - 0.05, util
+    assert util["batch"] <= util["async"] - 0.1, util
 
 
 @pytest.mark.slow

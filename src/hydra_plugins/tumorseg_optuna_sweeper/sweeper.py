@@ -2,20 +2,28 @@
 
 Each trial's job gets the sampled values as overrides, plus ``++callbacks.optuna_pruning=...``
 (per-epoch reports and pruning, see :mod:`tumorseg.sweep`) and ``++tags.optuna_study/trial``.
-A job that returns a number is COMPLETE; one that raises :class:`optuna.TrialPruned` is PRUNED;
-any other exception, or no finite value, is FAIL with the reason in user attr ``fail_reason``,
-and the sweep goes on.
+A job that returns a number (a :class:`tumorseg.objective.Score` carries its standard error),
+or a list of them for a study of several objectives (``direction: [maximize, minimize]``), is
+COMPLETE; one that raises :class:`optuna.TrialPruned` is PRUNED; any other exception, or no
+finite value, is FAIL with the reason in user attr ``fail_reason``, and the sweep goes on.
+
+Trial 0 of a new study is the baseline: the config as given, no sampled values (its params:
+the config's own values where they lie in the search space). With ``folds=K`` each trial runs
+K jobs (``data.fold=k``) and its value is their mean, its standard error their spread; only
+fold 0 reports to the pruner. Several objectives: no pruning; the summary shows the Pareto
+front. Single objective: it lists the trials within one standard error of the best.
 
 ``n_trials`` is the size of the study, not of this run: a rerun (or a second worker on the same
 storage) only runs what is missing, counting finished and running trials. A trial is reserved
 (the study counted and the trial created) under the study's lock, so workers sharing a storage
-never run more than ``n_trials`` between them. ``n_jobs > 1`` or a device pool (``devices``,
-``devices_per_trial``) with Hydra's basic launcher runs trials at once, each in a fresh spawned
-process on its own devices (:mod:`.pool`); with another launcher (joblib, submitit) trials go to
-it in batches of ``n_jobs``. Trials whose trainer starts DDP ranks by re-running the command line
-(``trainer=ddp`` on several devices) run in fresh processes even one at a time: when a rank
-fails, Lightning SIGKILLs the process that started the ranks, which must be the trial's, not the
-sweeper's.
+never run more than ``n_trials`` between them. ``n_jobs`` jobs are in flight at once and a new
+one starts as soon as any ends (``schedule=async``; ``schedule=batch``: ``n_jobs`` at a time,
+each batch waiting for its slowest): with Hydra's basic launcher each in a fresh spawned process
+on its own devices (:mod:`.pool`), with another launcher (joblib, submitit) each one launcher
+call in a thread of its own (:mod:`.jobs`). Each sweep reports its slot utilisation. Trials
+whose trainer starts DDP ranks by re-running the command line (``trainer=ddp`` on several
+devices) run in fresh processes even one at a time: when a rank fails, Lightning SIGKILLs the
+process that started the ranks, which must be the trial's, not the sweeper's.
 
 Workers on other machines: with ``heartbeat_interval`` set, this sweeper records a heartbeat for
 each trial it runs, and fails the trials of workers that stopped beating for ``grace_period``
