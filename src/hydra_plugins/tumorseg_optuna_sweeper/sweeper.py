@@ -735,7 +735,7 @@ class OptunaSweeper(Sweeper):
             if fold is not None:
                 out.append(f"++{self.tags_key}.optuna_fold={fold}")
             if self._baseline(trial):
-                out.append(f"++{self.tags_key}.baseline=true")
+                out.append(f"++{self.tags_key}.baseline={render('true')}")  # a str tag
         return out
 
     def _finish(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
