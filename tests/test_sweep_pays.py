@@ -16,11 +16,20 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from hydra_plugins.tumorseg_optuna_sweeper.jobs import SlotClock
+from hydra_plugins.tumorseg_optuna_sweeper.sweeper import (
+    _MISFIT,
+    _fitting,
+    fold_outcome,
+    outcome_of,
+)
 from tests.conftest import ONE_THREAD, ROOT
 from tests.multirun import mlflow_runs, optuna_storage, optuna_sweep
 from tumorseg.errors import DataError
+from tumorseg.objective import Score
 from tumorseg.registry import study_best_run
 
 APP = ROOT / "tests" / "sweep_app" / "app.py"
@@ -59,6 +68,47 @@ def job_overrides(cwd: Path, number: int) -> list[str]:
     )
 
 
+# --- fast: what a job returns, folds, the baseline's params, the clock ---------------------
+
+
+def test_jobs_return_a_score_a_list_or_a_float():
+    one = outcome_of(lambda: Score(0.7, 0.05, "val/dice_mean"))
+    assert one.values == [0.7] and one.stderrs == [0.05]
+    two = outcome_of(lambda: [Score(0.7, 0.05), Score(1e6, None)])
+    assert two.values == [0.7, 1e6] and two.stderrs == [0.05, None]
+    plain = outcome_of(lambda: 0.5)
+    assert plain.values == [0.5] and plain.stderrs == [None]
+    assert outcome_of(lambda: [0.5, float("nan")]).state == TrialState.FAIL
+    assert outcome_of(lambda: []).state == TrialState.FAIL
+
+
+def test_folds_make_one_value_with_their_spread_as_stderr():
+    folds = [outcome_of(lambda v=v: [v, 10 * v]) for v in (0.2, 0.4, 0.6)]
+    done = fold_outcome(folds)
+    assert done.values == pytest.approx([0.4, 4.0])
+    assert done.stderrs == pytest.approx([0.2 / 3**0.5, 2 / 3**0.5])
+
+
+def test_config_values_fit_the_space_or_not():
+    assert _fitting(FloatDistribution(1e-4, 1e-2, log=True), 0.003) == 0.003
+    assert _fitting(FloatDistribution(1e-4, 1e-2), 0.1) is _MISFIT
+    assert _fitting(IntDistribution(2, 8, step=3), 5) == 5
+    assert _fitting(IntDistribution(2, 8, step=3), 4) is _MISFIT
+    assert _fitting(CategoricalDistribution([8, 16]), 4) is _MISFIT
+    assert _fitting(CategoricalDistribution(["unet", "attention_unet"]), "unet") == "unet"
+    assert _fitting(CategoricalDistribution(["[8,16]", "[16,32]"]), [16, 32]) == "[16,32]"
+    assert _fitting(CategoricalDistribution([True, False]), 1) is _MISFIT
+    assert _fitting(FloatDistribution(0, 1), None) is _MISFIT
+
+
+def test_slot_utilisation_is_job_time_over_slot_time():
+    clock = SlotClock(slots=2)
+    clock.spans = [(0.0, 4.0), (0.0, 2.0), (2.5, 4.0)]
+    assert clock.wall() == 4.0
+    assert clock.utilisation() == pytest.approx(7.5 / 8)
+
+
+@pytest.mark.slow
 def test_trial_0_runs_the_config_as_given_once(tmp_path):
     # x=0.5 in the config is not a choice of the space: run as it is, not recorded as a param
     space = ["x=choice(1.0,2.0)", "duration=interval(0.0,0.3)"]
