@@ -1,6 +1,7 @@
-"""Hydra launchers for clusters: the Optuna sweeper hands trials to submitit in batches, each
-trial a separate submitit job (here ``submitit_local``: local processes, as SLURM would run
-them); pruning still works because jobs report through the storage."""
+"""Hydra launchers for clusters: the Optuna sweeper hands each trial to the launcher as a call of
+its own, n_jobs at once, each trial a separate submitit job (here ``submitit_local``: local
+processes, as SLURM would run them); pruning still works because jobs report through the
+storage."""
 
 import importlib.util
 
@@ -45,7 +46,7 @@ def test_optuna_trials_as_submitit_jobs_are_pruned_through_the_storage(tmp_path,
         demo_root,
         "hydra/launcher=submitit_local",
         "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.n_jobs=2",  # one batch of two jobs
+        "hydra.sweeper.n_jobs=2",  # two jobs in flight
         "hydra/sweeper/pruner=threshold",
         "hydra.sweeper.pruner.lower=1.5",  # no Dice reaches 1.5: pruned after epoch 0
     )
@@ -86,17 +87,17 @@ def test_plain_multirun_under_joblib_runs_the_jobs_of_one_sweep_at_once(tmp_path
 
 @needs_joblib
 @pytest.mark.slow
-def test_optuna_trials_go_to_joblib_in_batches(tmp_path, demo_root):
+def test_optuna_trials_go_to_joblib_one_call_each_at_once(tmp_path, demo_root):
     url = optuna_storage(tmp_path)
     res = optuna_sweep(
         tmp_path,
         demo_root,
         "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.n_jobs=2",  # one batch of two jobs
+        "hydra.sweeper.n_jobs=2",  # two jobs in flight, one joblib call each
         *JOBLIB,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "is launching 2 jobs" in res.stdout + res.stderr  # joblib ran the batch
+    assert (res.stdout + res.stderr).count("is launching 1 jobs") == 2  # joblib ran each
     trials = optuna.load_study(study_name="tumorseg-unet", storage=url).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     runs = {r.info.run_id: r for r in mlflow_runs(tmp_path, "tags.optuna_state = 'COMPLETE'")}
@@ -105,3 +106,5 @@ def test_optuna_trials_go_to_joblib_in_batches(tmp_path, demo_root):
         assert run.data.tags["optuna_trial"] == str(t.number)
         assert run.data.metrics["val/dice_mean"] == pytest.approx(t.value)
     assert not runs
+    a, b = (mlflow_runs(tmp_path, f"tags.optuna_trial = '{t.number}'")[0].info for t in trials)
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # at once

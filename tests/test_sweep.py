@@ -181,11 +181,17 @@ def test_sqlite_study_resumes_and_prunes(tmp_path, demo_root):
         assert r.data.params["optuna.model.optimizer.lr"] == str(t.params["model.optimizer.lr"])
         assert float(r.data.params["model.optimizer.lr"]) == t.params["model.optimizer.lr"]
         assert t.user_attrs["mlflow_run_id"] == r.info.run_id
+    # trial 0, the baseline, ran the tiny config: lr 0.003 in the space, batch size 4 not
+    assert trials[0].user_attrs["baseline"] and runs[0].data.tags["baseline"] == "true"
+    assert trials[0].params["model.optimizer.lr"] == 0.003
+    assert (
+        "data.batch_size" not in trials[0].params and runs[0].data.params["data.batch_size"] == "4"
+    )
     best = study_of(tmp_path).best_trial
     assert parent.info.run_name == "study:tumorseg-unet" and parent.info.status == "FINISHED"
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.tags["best_trial"] == str(best.number)
-    assert parent.data.tags["best.data.batch_size"] == str(best.params["data.batch_size"])
+    assert parent.data.tags["best.model.optimizer.lr"] == str(best.params["model.optimizer.lr"])
     assert parent.data.metrics["n_pruned"] == 1 and parent.data.metrics["n_complete"] == 2
     plots = {f.path for f in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/optimization_history.png", "plots/parallel_coordinate.png"} <= plots

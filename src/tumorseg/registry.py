@@ -161,9 +161,11 @@ def logged_model_id(client: Any, run_id: str) -> str:
     return models[-1].model_id
 
 
-def study_best_run(parent_run_id: str, tracking_uri: str) -> str:
-    """Run id of the best trial of the study whose parent run is ``parent_run_id`` (its
-    ``best_trial`` tag, written when the study finished)."""
+def study_best_run(parent_run_id: str, tracking_uri: str, trial: int | None = None) -> str:
+    """Run id of trial ``trial`` of the study whose parent run is ``parent_run_id``; without
+    ``trial``, of its best trial (the parent's ``best_trial`` tag, written when the study
+    finished). A study of several objectives has a front of best trials (tag ``best_trials``):
+    with more than one, ``trial`` must say which."""
     from mlflow import MlflowClient
 
     require_store(tracking_uri)
@@ -172,8 +174,15 @@ def study_best_run(parent_run_id: str, tracking_uri: str) -> str:
         parent = client.get_run(parent_run_id)
     except Exception as err:
         raise DataError(f"run {parent_run_id}: not found ({first_line(err)})") from None
-    best = parent.data.tags.get("best_trial")
+    tags = parent.data.tags
+    best = str(trial) if trial is not None else tags.get("best_trial")
     if best is None:
+        front = [t for t in tags.get("best_trials", "").split(",") if t]
+        if len(front) > 1:
+            raise DataError(
+                f"run {parent_run_id}: {len(front)} best trials ({', '.join(front)}, the Pareto "
+                "front): give --trial N"
+            )
         raise DataError(f"run {parent_run_id}: not a finished study's parent run (no best_trial)")
     runs = client.search_runs(
         [parent.info.experiment_id],
@@ -181,7 +190,7 @@ def study_best_run(parent_run_id: str, tracking_uri: str) -> str:
         order_by=["attributes.start_time DESC"],
     )
     if not runs:
-        raise DataError(f"run {parent_run_id}: the run of best trial {best} is not in the store")
+        raise DataError(f"run {parent_run_id}: the run of trial {best} is not in the store")
     return runs[0].info.run_id
 
 

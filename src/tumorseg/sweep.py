@@ -149,8 +149,11 @@ class OptunaPruning(L.Callback):
     :class:`optuna.TrialPruned` when the study's pruner says so.
 
     At fit start it also nests the MLflow run under the study's parent run
-    (``mlflow.parentRunId``), logs the sampled values as ``optuna.<name>`` params and records
-    the run id on the trial (user attr ``mlflow_run_id``).
+    (``mlflow.parentRunId``; for a fold of a cross-validated trial, under the trial's run),
+    logs the sampled values as ``optuna.<name>`` params and records the run id on the trial
+    (user attr ``mlflow_run_id``, or ``mlflow_run_id.fold<k>``). With ``report`` false it
+    neither reports nor prunes: studies of several objectives, and folds other than 0 (one
+    learning curve per trial).
     """
 
     def __init__(
@@ -161,7 +164,11 @@ class OptunaPruning(L.Callback):
         pruner: optuna.pruners.BasePruner | None = None,
         monitor: str = "val/dice_mean",
         parent_run_id: str | None = None,
+        report: bool = True,
+        fold: int | None = None,
     ) -> None:
+        self.report = report  # False: no reports, no pruning (several objectives, folds > 0)
+        self.fold = fold
         self.study_name = study_name
         self.trial_number = int(trial_number)
         self.storage = storage
@@ -188,10 +195,11 @@ class OptunaPruning(L.Callback):
             logger.experiment.set_tag(logger.run_id, "mlflow.parentRunId", self.parent_run_id)
         if trial is not None:
             logger.log_hyperparams({f"optuna.{mlflow_key(k)}": v for k, v in trial.params.items()})
-            trial.set_user_attr("mlflow_run_id", logger.run_id)
+            key = "mlflow_run_id" if self.fold is None else f"mlflow_run_id.fold{self.fold}"
+            trial.set_user_attr(key, logger.run_id)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not self.report:
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
@@ -274,30 +282,146 @@ class StudyRuns:
         elif run.info.status == "RUNNING":  # the job died without closing its run
             self.client.set_terminated(run.info.run_id, status="FAILED")
 
-    def summarize(self, study: optuna.Study) -> None:
-        """Counts, best trial and plots into the parent run, which then ends FINISHED."""
+    def trial_run(self, number: int, baseline: bool = False) -> str:
+        """A run for cross-validated trial ``number``, nested under the parent run: its folds'
+        runs nest under it."""
+        tags = {
+            "optuna_study": self.study_name,
+            "optuna_trial": str(number),
+            "mlflow.parentRunId": self.parent_id,
+        }
+        if baseline:
+            tags["baseline"] = "true"
+        run = self.client.create_run(self.experiment_id, run_name=f"trial:{number}", tags=tags)
+        return run.info.run_id
+
+    def end_trial_run(self, run_id: str | None, trial: optuna.trial.FrozenTrial) -> None:
+        """The trial run of a cross-validated trial: its state, value(s), standard error and
+        fold values; FINISHED when complete, KILLED when pruned, else FAILED."""
+        if not run_id:
+            return
+        self.client.set_tag(run_id, "optuna_state", trial.state.name)
+        for name, value in objective_metrics(trial).items():
+            self.client.log_metric(run_id, name, value)
+        for fold, value in (trial.user_attrs.get("fold_values") or {}).items():
+            for i, v in enumerate(value if isinstance(value, list) else [value]):
+                self.client.log_metric(run_id, f"fold{fold}/objective" + (f"_{i}" if i else ""), v)
+        status = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}
+        self.client.set_terminated(run_id, status=status.get(trial.state, "FAILED"))
+
+    def log_stderr(self, run_id: str | None, stderr: Any) -> None:
+        """The standard error of the trial's objective, as metric ``objective_stderr`` (``_1``,
+        ``_2`` for further objectives) of its run."""
+        if not run_id or stderr is None:
+            return
+        for i, se in enumerate(stderr if isinstance(stderr, list) else [stderr]):
+            if se is not None:
+                self.client.log_metric(run_id, "objective_stderr" + (f"_{i}" if i else ""), se)
+
+    def summarize(self, study: optuna.Study, sweep: Mapping[str, Any] | None = None) -> None:
+        """Counts, best trial(s), the trials within the noise of the best, slot utilisation
+        and plots into the parent run, which then ends FINISHED."""
         trials = study.get_trials(deepcopy=False)
         counts = Counter(t.state.name for t in trials)
         step = sum(counts[s] for s in ("COMPLETE", "PRUNED", "FAIL"))
         parent = self.parent_id
         for state in ("COMPLETE", "PRUNED", "FAIL"):
             self.client.log_metric(parent, f"n_{state.lower()}", counts[state], step=step)
+        if sweep and sweep.get("utilisation") is not None:
+            self.client.log_metric(parent, "slot_utilisation", sweep["utilisation"], step=step)
+            self.client.set_tag(parent, "schedule", str(sweep.get("schedule")))
         self.client.set_tag(parent, "optuna_sampler", type(study.sampler).__name__)
         self.client.set_tag(parent, "optuna_pruner", type(study.pruner).__name__)
-        self.client.set_tag(parent, "optuna_direction", study.direction.name.lower())
-        if counts["COMPLETE"]:
-            best = study.best_trial
-            self.client.log_metric(parent, "best_value", best.value, step=step)
-            self.client.log_metric(parent, "best_trial", best.number, step=step)
-            self.client.set_tag(parent, "best_trial", str(best.number))
-            for name, value in best.params.items():  # params cannot change: the best ones can
-                self.client.set_tag(parent, f"best.{mlflow_key(name)}", str(value))
-            summary = {"number": best.number, "value": best.value, "params": best.params}
-            self.client.log_dict(parent, summary, "best_trial.json")
+        directions = [d.name.lower() for d in study.directions]
+        self.client.set_tag(parent, "optuna_direction", ",".join(directions))
+        summary = best_summary(study)
+        if summary:
+            best = summary["best_trials"]
+            self.client.set_tag(parent, "best_trials", ",".join(str(t["number"]) for t in best))
+            if len(best) == 1:
+                self.client.log_metric(parent, "best_value", best[0]["values"][0], step=step)
+                self.client.log_metric(parent, "best_trial", best[0]["number"], step=step)
+                self.client.set_tag(parent, "best_trial", str(best[0]["number"]))
+                for name, value in best[0]["params"].items():  # params cannot change: tags can
+                    self.client.set_tag(parent, f"best.{mlflow_key(name)}", str(value))
+            if "within_noise" in summary:
+                noise = ",".join(str(t["number"]) for t in summary["within_noise"])
+                self.client.set_tag(parent, "within_noise", noise)
+            if sweep:
+                summary["sweep"] = dict(sweep)
+            self.client.log_dict(parent, json.loads(json.dumps(summary)), "best_trial.json")
+            if len(directions) > 1:
+                self.client.log_text(parent, pareto_table(summary), "pareto_front.md")
         with tempfile.TemporaryDirectory() as tmp:
             for path in study_plots(study, Path(tmp)):
                 self.client.log_artifact(parent, str(path), "plots")
         self.client.set_terminated(parent, status="FINISHED")
+
+
+def objective_metrics(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    """``objective`` (``objective_1``... for further objectives) and ``objective_stderr``."""
+    out: dict[str, float] = {}
+    for i, value in enumerate(trial.values or []):
+        out["objective" + (f"_{i}" if i else "")] = value
+    stderr = trial.user_attrs.get("stderr")
+    for i, se in enumerate(stderr if isinstance(stderr, list) else [stderr]):
+        if se is not None:
+            out["objective_stderr" + (f"_{i}" if i else "")] = se
+    return out
+
+
+def within_noise(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The one-standard-error rule: completed trials whose value lies within the best trial's
+    standard error of the best value (``|value - best| <= stderr(best)``), best first. Just
+    the best where its standard error is unknown. Single-objective studies only."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(study.directions) > 1 or not complete:
+        return []
+    best = study.best_trial
+    se = best.user_attrs.get("stderr")
+    if se is None:
+        return [best]
+    close = [t for t in complete if abs(t.value - best.value) <= se]
+    sign = -1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1
+    return sorted(close, key=lambda t: (sign * t.value, t.number))
+
+
+def _brief(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    out = {"number": trial.number, "values": trial.values, "params": trial.params}
+    out["stderr"] = trial.user_attrs.get("stderr")
+    if trial.user_attrs.get("baseline"):
+        out["baseline"] = True
+    return out
+
+
+def best_summary(study: optuna.Study) -> dict[str, Any]:
+    """The best trial (several: the Pareto front) and, for one objective, the trials within
+    the noise of the best; empty before any trial completed."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return {}
+    directions = [d.name.lower() for d in study.directions]
+    best = sorted(study.best_trials, key=lambda t: t.number)
+    out: dict[str, Any] = {"directions": directions, "best_trials": [_brief(t) for t in best]}
+    if len(directions) == 1:
+        t = study.best_trial
+        out |= {"number": t.number, "value": t.value, "params": t.params}
+        out["stderr"] = t.user_attrs.get("stderr")
+        out["noise_rule"] = "within one standard error of the best: |value - best| <= stderr"
+        out["within_noise"] = [_brief(t) for t in within_noise(study)]
+    return json.loads(json.dumps(out, default=str))
+
+
+def pareto_table(summary: Mapping[str, Any]) -> str:
+    """The Pareto front of ``best_summary`` as a Markdown table: trial, values, params."""
+    directions = summary["directions"]
+    keys = sorted({k for t in summary["best_trials"] for k in t["params"]})
+    head = ["trial", *(f"objective {i} ({d})" for i, d in enumerate(directions)), *keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in summary["best_trials"]:
+        cells = [str(t["number"]), *(f"{v:.4g}" for v in t["values"])]
+        cells += [str(t["params"].get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
@@ -312,11 +436,15 @@ def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return []
-    plots = {
-        "optimization_history": ovm.plot_optimization_history,
-        "parallel_coordinate": ovm.plot_parallel_coordinate,
-    }
-    if len(complete) >= 2 and len({k for t in complete for k in t.params}) > 1:
+    if len(study.directions) > 1:
+        plots = {"pareto_front": ovm.plot_pareto_front} if len(study.directions) <= 3 else {}
+    else:
+        plots = {
+            "optimization_history": ovm.plot_optimization_history,
+            "parallel_coordinate": ovm.plot_parallel_coordinate,
+        }
+    several_params = len({k for t in complete for k in t.params}) > 1
+    if len(study.directions) == 1 and len(complete) >= 2 and several_params:
         plots["param_importances"] = ovm.plot_param_importances
     paths = []
     for name, plot in plots.items():
@@ -335,25 +463,42 @@ def study_plots(study: optuna.Study, out_dir: Path) -> list[Path]:
 
 
 def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    """Number, state, value, params and (for FAIL) the reason of one trial."""
-    out = {"number": trial.number, "state": trial.state.name, "value": trial.value}
+    """Number, state, value(s), params and what else the trial recorded: standard error, fold
+    values, baseline, and (for FAIL) the reason."""
+    out: dict[str, Any] = {"number": trial.number, "state": trial.state.name}
+    if trial.values is not None and len(trial.values) > 1:
+        out["values"] = trial.values
+    else:
+        out["value"] = trial.values[0] if trial.values else None
     out["params"] = trial.params
-    if "fail_reason" in trial.user_attrs:
-        out["fail_reason"] = trial.user_attrs["fail_reason"]
+    for key in ("stderr", "fold_values", "baseline", "fail_reason"):
+        if key in trial.user_attrs:
+            out[key] = trial.user_attrs[key]
     return out
 
 
-def results(study: optuna.Study, storage: str) -> dict[str, Any]:
-    """The study in a few plain fields, for ``optimization_results.yaml`` in the sweep folder."""
+def results(
+    study: optuna.Study, storage: str, sweep: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The study in a few plain fields, for ``optimization_results.yaml`` in the sweep folder;
+    ``sweep``: this sweep's schedule, slots and slot utilisation."""
     trials = study.get_trials(deepcopy=False)
+    directions = [d.name.lower() for d in study.directions]
     out: dict[str, Any] = {
         "study_name": study.study_name,
         "storage": storage,
-        "direction": study.direction.name.lower(),
+        "direction": directions[0] if len(directions) == 1 else directions,
         "states": dict(Counter(t.state.name for t in trials)),
         "trials": [trial_summary(t) for t in trials],
     }
-    if any(t.state == TrialState.COMPLETE for t in trials):
-        best = study.best_trial
-        out |= {"best_trial": best.number, "best_value": best.value, "best_params": best.params}
+    if sweep:
+        out["sweep"] = dict(sweep)
+    best = best_summary(study)
+    if best and len(directions) == 1:
+        out |= {"best_trial": best["number"], "best_value": best["value"]}
+        out |= {"best_params": best["params"], "best_stderr": best["stderr"]}
+        out["within_noise"] = [t["number"] for t in best["within_noise"]]
+        out["noise_rule"] = best["noise_rule"]
+    elif best:
+        out["best_trials"] = best["best_trials"]
     return json.loads(json.dumps(out, default=str))  # plain types only, for YAML

@@ -1,7 +1,7 @@
 """Structured config of the ``tumorseg_optuna`` sweeper, registered with Hydra's ConfigStore.
 
 Select it with ``defaults: [override /hydra/sweeper: tumorseg_optuna]``. Samplers and pruners
-are plain ``_target_`` dicts; the groups ``hydra/sweeper/sampler`` (tpe, random, cmaes) and
+are plain ``_target_`` dicts; the groups ``hydra/sweeper/sampler`` (tpe, random, cmaes, nsgaii) and
 ``hydra/sweeper/pruner`` (median, hyperband, threshold, nop) swap them whole.
 """
 
@@ -14,6 +14,8 @@ SAMPLERS: dict[str, dict[str, Any]] = {
     "tpe": {"_target_": "optuna.samplers.TPESampler", "seed": 42},
     "random": {"_target_": "optuna.samplers.RandomSampler", "seed": 42},
     "cmaes": {"_target_": "optuna.samplers.CmaEsSampler", "seed": 42},  # needs `pip install cmaes`
+    # several objectives (direction: [maximize, minimize]); TPE handles them too
+    "nsgaii": {"_target_": "optuna.samplers.NSGAIISampler", "seed": 42},
 }
 PRUNERS: dict[str, dict[str, Any]] = {
     "median": {
@@ -45,7 +47,9 @@ class OptunaSweeperConf:
     # search space in Hydra's override grammar: choice(...), range(...), interval(a,b),
     # tag(log, interval(a,b)), tag(int, interval(a,b)), a,b,c; plain values are fixed overrides
     params: dict[str, Any] | None = None
-    direction: str = "maximize"  # of the job's return value
+    # of the job's return value; a list ([maximize, minimize]) for a job returning one value per
+    # objective: a multi-objective study (no pruning), its best trials the Pareto front
+    direction: Any = "maximize"
     n_trials: int = 20  # trials in the study in all (finished + running), not per run
     # trials run at once by this sweeper, each in its own process when > 1; null: one per
     # device set of the pool (len(devices) // devices_per_trial), else 1
@@ -73,6 +77,16 @@ class OptunaSweeperConf:
     heartbeat_interval: Any = None
     grace_period: Any = None
     max_retry: Any = 1
+    # async: a new job starts as soon as any ends (n_jobs in flight, any launcher); batch: n_jobs
+    # jobs at a time, each batch waiting for its slowest (for comparison)
+    schedule: str = "async"
+    # K-fold cross-validation objective: each trial runs K jobs, <fold_key>=k and <folds_key>=K,
+    # and its value is their mean (standard error: the spread over folds). Only fold 0 reports to
+    # the pruner. null: one job per trial
+    folds: Any = None
+    fold_key: str = "data.fold"
+    folds_key: Any = "data.folds"
+    baseline: bool = True  # trial 0 of a new study runs the config as given, no sampled values
 
 
 def register() -> None:

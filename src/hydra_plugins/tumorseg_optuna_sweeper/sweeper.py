@@ -2,20 +2,28 @@
 
 Each trial's job gets the sampled values as overrides, plus ``++callbacks.optuna_pruning=...``
 (per-epoch reports and pruning, see :mod:`tumorseg.sweep`) and ``++tags.optuna_study/trial``.
-A job that returns a number is COMPLETE; one that raises :class:`optuna.TrialPruned` is PRUNED;
-any other exception, or no finite value, is FAIL with the reason in user attr ``fail_reason``,
-and the sweep goes on.
+A job that returns a number (a :class:`tumorseg.objective.Score` carries its standard error),
+or a list of them for a study of several objectives (``direction: [maximize, minimize]``), is
+COMPLETE; one that raises :class:`optuna.TrialPruned` is PRUNED; any other exception, or no
+finite value, is FAIL with the reason in user attr ``fail_reason``, and the sweep goes on.
+
+Trial 0 of a new study is the baseline: the config as given, no sampled values (its params:
+the config's own values where they lie in the search space). With ``folds=K`` each trial runs
+K jobs (``data.fold=k``) and its value is their mean, its standard error their spread; only
+fold 0 reports to the pruner. Several objectives: no pruning; the summary shows the Pareto
+front. Single objective: it lists the trials within one standard error of the best.
 
 ``n_trials`` is the size of the study, not of this run: a rerun (or a second worker on the same
 storage) only runs what is missing, counting finished and running trials. A trial is reserved
 (the study counted and the trial created) under the study's lock, so workers sharing a storage
-never run more than ``n_trials`` between them. ``n_jobs > 1`` or a device pool (``devices``,
-``devices_per_trial``) with Hydra's basic launcher runs trials at once, each in a fresh spawned
-process on its own devices (:mod:`.pool`); with another launcher (joblib, submitit) trials go to
-it in batches of ``n_jobs``. Trials whose trainer starts DDP ranks by re-running the command line
-(``trainer=ddp`` on several devices) run in fresh processes even one at a time: when a rank
-fails, Lightning SIGKILLs the process that started the ranks, which must be the trial's, not the
-sweeper's.
+never run more than ``n_trials`` between them. ``n_jobs`` jobs are in flight at once and a new
+one starts as soon as any ends (``schedule=async``; ``schedule=batch``: ``n_jobs`` at a time,
+each batch waiting for its slowest): with Hydra's basic launcher each in a fresh spawned process
+on its own devices (:mod:`.pool`), with another launcher (joblib, submitit) each one launcher
+call in a thread of its own (:mod:`.jobs`). Each sweep reports its slot utilisation. Trials
+whose trainer starts DDP ranks by re-running the command line (``trainer=ddp`` on several
+devices) run in fresh processes even one at a time: when a rank fails, Lightning SIGKILLs the
+process that started the ranks, which must be the trial's, not the sweeper's.
 
 Workers on other machines: with ``heartbeat_interval`` set, this sweeper records a heartbeat for
 each trial it runs, and fails the trials of workers that stopped beating for ``grace_period``
@@ -37,6 +45,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +53,6 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, Quote, QuotedString, Transformer
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -59,6 +67,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from hydra_plugins.tumorseg_optuna_sweeper.config import OptunaSweeperConf
+from hydra_plugins.tumorseg_optuna_sweeper.jobs import InlineJobs, LauncherThreads, SlotClock
 from hydra_plugins.tumorseg_optuna_sweeper.pool import (
     DevicePool,
     JobFailed,
@@ -73,15 +82,85 @@ TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUN
 
 @dataclass
 class Outcome:
-    """How a trial's job ended."""
+    """How a trial's job (or its folds) ended: the objective values and their standard errors
+    (``None`` where the job did not tell)."""
 
     state: TrialState
-    value: float | None = None
+    values: list[float] | None = None
     reason: str = ""
+    stderrs: list[float | None] | None = None
+
+    @property
+    def value(self) -> float | None:
+        """The first objective's value."""
+        return self.values[0] if self.values else None
+
+
+@dataclass
+class Job:
+    """One Hydra job of a trial: the trial's only one, or that of one fold."""
+
+    trial: optuna.Trial
+    fold: int | None
+    number: int  # hydra.job.num
+    overrides: list[str]
+
+    @property
+    def key(self) -> tuple[int, int | None]:
+        return (self.trial.number, self.fold)
+
+
+@dataclass
+class TrialJobs:
+    """A reserved trial: how many of its jobs must complete, which did, how many run."""
+
+    trial: optuna.Trial
+    expected: int
+    running: int = 0
+    told: bool = False
+    outcomes: list[Outcome] = dataclass_field(default_factory=list)
+    fold_values: dict[str, Any] = dataclass_field(default_factory=dict)
+
+
+_MISFIT = object()
+
+
+def _fitting(dist: BaseDistribution, value: Any) -> Any:
+    """``value`` as a param of ``dist`` (for a categorical: the matching choice, which may be
+    the override text of a list), else ``_MISFIT``."""
+    if isinstance(dist, CategoricalDistribution):
+        for choice in dist.choices:
+            if isinstance(choice, bool) == isinstance(value, bool) and choice == value:
+                return choice
+            if isinstance(choice, str) and not isinstance(value, str) and value is not None:
+                try:
+                    parsed = OverridesParser.create().parse_override(f"k={choice}").value()
+                except Exception:
+                    continue
+                if parsed == value:
+                    return choice
+        return _MISFIT
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _MISFIT
+    if isinstance(dist, IntDistribution):
+        if not float(value).is_integer():
+            return _MISFIT
+        value = int(value)
+    else:
+        value = float(value)
+    return value if dist._contains(dist.to_internal_repr(value)) else _MISFIT
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def outcome_of(job: Callable[[], Any]) -> Outcome:
-    """Run ``job`` (returning the job's value) and classify how it ended."""
+    """Run ``job`` (returning the job's value) and classify how it ended. A job returns a
+    number (a :class:`tumorseg.objective.Score` carries its standard error) or a list of them,
+    one per objective."""
+    from tumorseg.objective import stderr_of
+
     try:
         value = job()
     except optuna.TrialPruned as err:
@@ -91,17 +170,25 @@ def outcome_of(job: Callable[[], Any]) -> Outcome:
     except Exception as err:
         log.warning("job failed", exc_info=err)
         return Outcome(TrialState.FAIL, reason=f"{type(err).__name__}: {err}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return Outcome(TrialState.FAIL, reason=f"job returned {value!r}, not a finite number")
-    return Outcome(TrialState.COMPLETE, value=float(value))
+    many = isinstance(value, (list, tuple, ListConfig))
+    items = list(value) if many else [value]
+    if not items or not all(_finite(v) for v in items):
+        what = "finite numbers" if many else "a finite number"
+        return Outcome(TrialState.FAIL, reason=f"job returned {value!r}, not {what}")
+    return Outcome(
+        TrialState.COMPLETE, values=[float(v) for v in items], stderrs=[stderr_of(v) for v in items]
+    )
 
 
-def job_value(ret: JobReturn) -> Any:
-    """The job's return value, or its exception raised (without Hydra's "Error executing job"
-    line, which would be wrong for a pruned trial)."""
-    if ret.status == JobStatus.FAILED:
-        raise ret._return_value
-    return ret.return_value
+def fold_outcome(outcomes: list[Outcome]) -> Outcome:
+    """A trial's outcome from its folds' (all COMPLETE): per objective, the mean over folds
+    and, as its standard error, their spread (:func:`tumorseg.objective.fold_mean`)."""
+    from tumorseg.objective import fold_mean
+
+    means = [fold_mean([o.values[i] for o in outcomes]) for i in range(len(outcomes[0].values))]
+    return Outcome(
+        TrialState.COMPLETE, values=[float(m) for m in means], stderrs=[m.stderr for m in means]
+    )
 
 
 # --- search space: Hydra's override grammar -> Optuna distributions -------------------------
@@ -232,7 +319,7 @@ class OptunaSweeper(Sweeper):
     def __init__(
         self,
         params: DictConfig | None = None,
-        direction: str = "maximize",
+        direction: Any = "maximize",
         n_trials: int = 20,
         n_jobs: int | None = None,
         storage: str | None = None,
@@ -250,15 +337,36 @@ class OptunaSweeper(Sweeper):
         heartbeat_interval: int | None = None,
         grace_period: int | None = None,
         max_retry: int | None = 1,
+        schedule: str = "async",
+        folds: int | None = None,
+        fold_key: str = "data.fold",
+        folds_key: str | None = "data.folds",
+        baseline: bool = True,
     ) -> None:
-        if direction not in ("maximize", "minimize"):
-            raise HydraException(f"hydra.sweeper.direction: maximize or minimize, not {direction}")
+        directions = list(direction) if isinstance(direction, (list, tuple, ListConfig)) else []
+        directions = directions or [direction]
+        if not set(directions) <= {"maximize", "minimize"}:
+            raise HydraException(
+                f"hydra.sweeper.direction: maximize, minimize or a list of them, not {direction}"
+            )
+        if schedule not in ("async", "batch"):
+            raise HydraException(f"hydra.sweeper.schedule: async or batch, not {schedule}")
+        if folds is not None and folds < 2:
+            raise HydraException(f"hydra.sweeper.folds: >= 2 or null, not {folds}")
+        self.directions = [str(d) for d in directions]
+        self.schedule, self.folds, self.fold_key, self.folds_key = (
+            schedule,
+            folds,
+            fold_key,
+            folds_key,
+        )
+        self.baseline = baseline
         if (n_jobs is not None and n_jobs < 1) or n_trials < 0 or devices_per_trial < 1:
             raise HydraException(
                 "hydra.sweeper: n_jobs and devices_per_trial must be >= 1 and n_trials >= 0"
             )
         self.params = OmegaConf.to_container(params, resolve=True) if params else {}
-        self.direction, self.n_trials, self.n_jobs = direction, n_trials, n_jobs
+        self.n_trials, self.n_jobs = n_trials, n_jobs
         self.storage, self.study_name = storage or None, study_name
         self.sampler_cfg = OmegaConf.to_container(sampler, resolve=True) if sampler else {}
         self.pruner_cfg = OmegaConf.to_container(pruner, resolve=True) if pruner else {}
@@ -279,6 +387,12 @@ class OptunaSweeper(Sweeper):
         self.runs: Any = None  # tumorseg.sweep.StudyRuns when MLflow is on
         self.exhausted = False  # the sampler has nothing left to try
         self.label = ""
+        self.clock: SlotClock | None = None
+
+    @property
+    def multi(self) -> bool:
+        """Several objectives: a multi-objective study, without pruning."""
+        return len(self.directions) > 1
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -312,6 +426,8 @@ class OptunaSweeper(Sweeper):
             study = self._open_study()
             self.runs = self._guard("MLflow set-up", self._open_runs)
             self._fail_stale(study)
+            if self.baseline and not study.get_trials(deepcopy=False):
+                self._enqueue_baseline(study)
         before = {t.number for t in study.get_trials(deepcopy=False)}
         log.info(
             "study %s (%s): %d trials of %d, %d to run, %d at a time%s; space %s",
@@ -324,14 +440,20 @@ class OptunaSweeper(Sweeper):
             f" on devices {pool.devices}, {pool.per_job} per trial" if pool else "",
             list(self.space),
         )
+        if self.multi and self.pruner_cfg:
+            log.info(
+                "%d objectives: pruning is off (Optuna prunes single-objective studies)",
+                len(self.directions),
+            )
+        if self.folds:
+            log.info("%d folds per trial; only fold 0 reports to the pruner", self.folds)
         if self.heartbeat_interval and self.storage:
             self.heartbeat = _Heartbeat(study._storage, self.heartbeat_interval)
+        self.clock = SlotClock(self.n_jobs)
         try:
             while True:
-                if basic and (pool is not None or self.n_jobs > 1 or self._starts_ranks()):
-                    self._run_processes(study, pool)
-                else:
-                    self._run_batches(study)
+                with self._runner(basic, pool) as runner:
+                    self._run_jobs(study, runner)
                 if not self._wait_for_others(study):
                     break
         finally:
@@ -401,17 +523,19 @@ class OptunaSweeper(Sweeper):
                     "grace_period": self.grace_period,
                 }
             storage = open_storage(self.storage, **beats)
+        pruner = instantiate(self.pruner_cfg) if self.pruner_cfg and not self.multi else None
         study = optuna.create_study(
             study_name=self.study_name,
             storage=storage,
-            direction=self.direction,
-            pruner=instantiate(self.pruner_cfg) if self.pruner_cfg else None,
+            directions=self.directions,
+            pruner=pruner,
             load_if_exists=True,
         )
-        if study.direction.name.lower() != self.direction:
+        found = [d.name.lower() for d in study.directions]
+        if found != self.directions:
             raise HydraException(
-                f"study {self.study_name} in {self.label} is {study.direction.name.lower()}d, "
-                f"not {self.direction}d: pick another study_name"
+                f"study {self.study_name} in {self.label} goes {found}, not {self.directions}: "
+                "pick another study_name"
             )
         # a resumed study must not replay the sampler's first draws: seed + trials so far
         sampler_cfg = dict(self.sampler_cfg)
@@ -463,6 +587,8 @@ class OptunaSweeper(Sweeper):
         retries = int(trial.user_attrs.get("retries", 0))
         if self.max_retry and retries < self.max_retry:  # the same params, once more
             attrs = {"retry_of": trial.number, "retries": retries + 1}
+            if self._baseline(trial):
+                attrs["baseline"] = True
             study.enqueue_trial(trial.params, user_attrs=attrs)
             log.info(
                 "trial %d queued again (retry %d of %d)", trial.number, retries + 1, self.max_retry
@@ -520,9 +646,14 @@ class OptunaSweeper(Sweeper):
     def _ask(self, study: optuna.Study) -> optuna.Trial:
         from tumorseg.sweep import LIVE_TRIALS
 
+        space = self.space
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if waiting and self._baseline(waiting[0]):  # ask takes the oldest waiting trial
+            fits, _ = self._baseline_params()
+            space = {k: d for k, d in self.space.items() if k in fits}
         with warnings.catch_warnings():  # heartbeats are ours here, not Study.optimize's
             warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used")
-            trial = study.ask(self.space)
+            trial = study.ask(space)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         trial.set_user_attr("sweep_dir", str(self.config.hydra.sweep.dir))
         if self.heartbeat is not None:
@@ -531,30 +662,92 @@ class OptunaSweeper(Sweeper):
             LIVE_TRIALS[(study.study_name, trial.number)] = trial
         return trial
 
-    def _job_overrides(self, trial: optuna.Trial) -> list[str]:
-        out = [*self.fixed, *(sampled_override(k, v) for k, v in trial.params.items())]
+    def _baseline_params(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The config's own values of the searched keys: those that lie in their distribution
+        (recorded as the baseline's params), and those that do not (run, but not recorded)."""
+        choices = OmegaConf.select(self.config, "hydra.runtime.choices", default=None) or {}
+        fits, misfits = {}, {}
+        for key, dist in self.space.items():
+            name = key.lstrip("+~")
+            try:
+                if name in choices:
+                    value = choices[name]
+                else:
+                    value = OmegaConf.select(self.config, name, default=None)
+                    if isinstance(value, (DictConfig, ListConfig)):
+                        value = OmegaConf.to_container(value, resolve=True)
+            except Exception:  # an interpolation that resolves in the job only
+                value = None
+            fitted = _fitting(dist, value)
+            if fitted is _MISFIT:
+                misfits[key] = value
+            else:
+                fits[key] = fitted
+        return fits, misfits
+
+    def _enqueue_baseline(self, study: optuna.Study) -> None:
+        """Trial 0 of a new study: the config as given, without sampled values."""
+        fits, misfits = self._baseline_params()
+        study.enqueue_trial(fits, user_attrs={"baseline": True})
+        log.info("trial 0 is the baseline: the config as given, no sampled values")
+        for key, value in misfits.items():
+            log.warning(
+                "baseline: %s=%r is not in the search space %s; the baseline runs it, its "
+                "trial does not record it as a param",
+                key,
+                value,
+                self.space[key],
+            )
+
+    @staticmethod
+    def _baseline(trial: optuna.Trial | FrozenTrial) -> bool:
+        return bool(trial.user_attrs.get("baseline"))
+
+    def _job_overrides(
+        self, trial: optuna.Trial, fold: int | None = None, parent: str | None = None
+    ) -> list[str]:
+        """The job's overrides: the fixed ones, the sampled values (none for the baseline),
+        the pruning callback, MLflow tags and, for a fold, ``data.fold``/``data.folds``."""
+        out = list(self.fixed)
+        if not self._baseline(trial):
+            out += [sampled_override(k, v) for k, v in trial.params.items()]
+        if fold is not None:
+            out.append(f"{self.fold_key}={fold}")
+            if self.folds_key:
+                out.append(f"{self.folds_key}={self.folds}")
         if self.callback:
             callback = {
                 "_target_": self.callback,
                 "study_name": self.study_name,
                 "trial_number": trial.number,
                 "storage": self.storage,
-                "pruner": self.pruner_cfg or None,
+                "pruner": None if self.multi else (self.pruner_cfg or None),
                 "monitor": self.monitor,
-                "parent_run_id": self.runs.parent_id if self.runs else None,
+                "parent_run_id": parent,
+                # several objectives: no pruning; folds: only fold 0 reports (one curve per trial)
+                "report": not self.multi and (fold is None or fold == 0),
+                "fold": fold,
             }
             out.append(f"++{self.callback_key}={render(callback)}")
         if self.tags_key:
             out.append(f"++{self.tags_key}.optuna_study={render(self.study_name)}")
             out.append(f"++{self.tags_key}.optuna_trial={trial.number}")
+            if fold is not None:
+                out.append(f"++{self.tags_key}.optuna_fold={fold}")
+            if self._baseline(trial):
+                out.append(f"++{self.tags_key}.baseline={render('true')}")  # a str tag
         return out
 
     def _finish(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
         from tumorseg.sweep import LIVE_TRIALS
 
+        values = outcome.values if outcome.state == TrialState.COMPLETE else None
+        if values is not None and len(values) != len(self.directions):
+            reason = f"job returned {len(values)} values for {len(self.directions)} directions"
+            outcome, values = Outcome(TrialState.FAIL, reason=reason), None
         if outcome.state == TrialState.FAIL:
             trial.set_user_attr("fail_reason", outcome.reason[:2000])
-        values = outcome.value if outcome.state == TrialState.COMPLETE else None
+        stderr = self._record_stderr(trial, outcome) if values is not None else None
         state = None if values is not None else outcome.state
         try:
             done = study.tell(trial, values, state=state, skip_if_finished=True)
@@ -566,16 +759,39 @@ class OptunaSweeper(Sweeper):
         if self.heartbeat is not None:
             self.heartbeat.remove(trial._trial_id)
         LIVE_TRIALS.pop((study.study_name, trial.number), None)
-        log.info(
-            "trial %d %s%s",
-            trial.number,
-            done.state.name,
-            f": {done.value:.4f}" if done.state == TrialState.COMPLETE else f" ({outcome.reason})",
-        )
+        if done.state == TrialState.COMPLETE:
+            shown = ", ".join(f"{v:.4f}" for v in done.values)
+            if stderr is not None and not self.multi:
+                shown += f" ± {stderr:.4f}"
+            shown = ": " + shown + (" (baseline)" if self._baseline(done) else "")
+        else:
+            shown = f" ({outcome.reason})"
+        log.info("trial %d %s%s", trial.number, done.state.name, shown)
         if self.runs is not None:
-            self._guard(
-                f"MLflow tag of trial {trial.number}", self.runs.mark, trial.number, done.state
-            )
+            self._guard(f"MLflow tags of trial {trial.number}", self._mark_runs, done)
+
+    def _record_stderr(self, trial: optuna.Trial, outcome: Outcome) -> Any:
+        """The standard error of the objective (a list for several), as user attr ``stderr``;
+        None where the job did not tell."""
+        stderrs = outcome.stderrs or [None] * len(outcome.values)
+        stderr = stderrs if self.multi else stderrs[0]
+        if stderr is not None and any(e is not None for e in stderrs):
+            trial.set_user_attr("stderr", stderr)
+            return stderr
+        return None
+
+    def _mark_runs(self, trial: FrozenTrial) -> None:
+        """MLflow: the trial's state on its run (with folds, on the trial run the sweeper made
+        and on each fold's run), its standard error as metric ``objective_stderr``."""
+        attrs = trial.user_attrs
+        if self.folds:
+            self.runs.end_trial_run(attrs.get("mlflow_run_id"), trial)
+            for key, run_id in attrs.items():
+                if key.startswith("mlflow_run_id.fold"):
+                    self.runs.mark(trial.number, trial.state, run_id)
+            return
+        self.runs.mark(trial.number, trial.state, attrs.get("mlflow_run_id"))
+        self.runs.log_stderr(attrs.get("mlflow_run_id"), attrs.get("stderr"))
 
     def _abandon(
         self, study: optuna.Study, trials: Iterable[optuna.Trial], err: BaseException
@@ -584,68 +800,159 @@ class OptunaSweeper(Sweeper):
         for trial in trials:
             self._finish(study, trial, Outcome(TrialState.FAIL, reason=f"sweep stopped: {err!r}"))
 
-    # --- one at a time, or batches through another launcher ----------------------------------
+    # --- jobs in flight: a new one as soon as a slot is free ---------------------------------
 
-    def _run_batches(self, study: optuna.Study) -> None:
-        while trials := self._reserve(study, self.n_jobs):
-            try:
-                outcomes = self._launch(trials)
-            except BaseException as err:  # KeyboardInterrupt, SystemExit from the job
-                self._abandon(study, trials, err)
-                raise
-            for trial, outcome in zip(trials, outcomes, strict=True):
-                self._finish(study, trial, outcome)
+    def _runner(self, basic: bool, pool: DevicePool | None) -> Any:
+        """What runs the jobs: fresh processes (basic launcher, several at once, on devices of
+        the pool, or trainers that start DDP ranks), the sweeper's own process (basic, one at
+        a time), else one launcher call per job in a thread of its own."""
+        if basic and (pool is not None or self.n_jobs > 1 or self._starts_ranks()):
+            if self.storage is None:
+                log.warning("trials in other processes with in-memory storage: nothing is pruned")
+            args = (self.hydra_context, self.config, self.task_function, self.n_jobs, pool)
+            return JobProcesses(*args, self.devices_key)
+        if basic:
+            return InlineJobs(self.launcher)
+        return LauncherThreads(self.launcher, self.n_jobs)
 
-    def _launch(self, trials: list[optuna.Trial]) -> list[Outcome]:
-        jobs = [self._job_overrides(t) for t in trials]
+    def _run_jobs(self, study: optuna.Study, runner: Any) -> None:
+        """Keep ``n_jobs`` jobs (trials, or folds of trials) running until the study is full.
+        With ``schedule=batch``, jobs start only when none runs: each batch waits for its
+        slowest job (the old behaviour, kept for comparison)."""
+        queued: list[Job] = []  # jobs of reserved trials, not started yet
+        trials: dict[int, TrialJobs] = {}
         try:
-            returns = self.launcher.launch(jobs, initial_job_idx=trials[0].number)
-        except Exception as err:  # the batch did not compose (bad override)
-            return [Outcome(TrialState.FAIL, reason=f"{type(err).__name__}: {err}")] * len(trials)
-        return [outcome_of(lambda r=r: job_value(r)) for r in returns]
-
-    # --- trials in their own processes, on devices from the pool -----------------------------
-
-    def _run_processes(self, study: optuna.Study, pool: DevicePool | None) -> None:
-        """Keep ``n_jobs`` trials running (each in a fresh process, on its own devices) until
-        the study is full. A trial whose process dies is FAIL; the others go on."""
-        if self.storage is None:
-            log.warning("trials in other processes with in-memory storage: nothing is pruned")
-        args = (self.hydra_context, self.config, self.task_function, self.n_jobs, pool)
-        trials: dict[int, optuna.Trial] = {}
-        with JobProcesses(*args, self.devices_key) as jobs:
-            try:
-                while True:
-                    while jobs.can_start() and (reserved := self._reserve(study)):
-                        trial = reserved[0]
-                        trials[trial.number] = trial
-                        overrides = self._job_overrides(trial)
-                        devices = jobs.start(trial.number, trial.number, overrides)
+            while True:
+                if self.schedule == "async" or not runner.running:
+                    while runner.can_start() and (job := self._next_job(study, queued, trials)):
+                        self.clock.start(job.key)
+                        devices = runner.start(job.key, job.number, job.overrides)
                         if devices:
-                            trial.set_user_attr("devices", ",".join(devices))
-                    if not jobs.running:
-                        return
-                    for number, result in jobs.wait():
-                        self._finish(study, trials.pop(number), outcome_of(result.get))
-            except BaseException as err:
-                jobs.stop()
-                self._abandon(study, trials.values(), err)
-                raise
+                            job.trial.set_user_attr("devices", ",".join(devices))
+                if not runner.running:
+                    return
+                for key, result in runner.wait():
+                    self.clock.end(key)
+                    self._job_ended(study, trials, queued, key, outcome_of(result.get))
+        except BaseException as err:
+            runner.stop()
+            self._abandon(study, [t.trial for t in trials.values() if not t.told], err)
+            raise
+
+    def _next_job(
+        self, study: optuna.Study, queued: list["Job"], trials: dict[int, "TrialJobs"]
+    ) -> "Job | None":
+        if not queued:
+            reserved = self._reserve(study)
+            if not reserved:
+                return None
+            trial = reserved[0]
+            folds = list(range(self.folds)) if self.folds else [None]
+            trials[trial.number] = TrialJobs(trial, len(folds))
+            queued.extend(self._jobs_of(trial, folds))
+        job = queued.pop(0)
+        trials[job.trial.number].running += 1
+        return job
+
+    def _job_ended(
+        self,
+        study: optuna.Study,
+        trials: dict[int, "TrialJobs"],
+        queued: list["Job"],
+        key: tuple[int, int | None],
+        outcome: Outcome,
+    ) -> None:
+        number, fold = key
+        entry = trials[number]
+        entry.running -= 1
+        if not entry.told:
+            if fold is not None:
+                self._fold_ended(entry, fold, outcome)
+            if outcome.state != TrialState.COMPLETE:  # a pruned or failed fold ends its trial
+                queued[:] = [j for j in queued if j.trial.number != number]
+                entry.told = True
+                self._finish(study, entry.trial, outcome)
+            elif fold is None:
+                entry.told = True
+                self._finish(study, entry.trial, outcome)
+            elif len(entry.outcomes) == entry.expected:
+                entry.told = True
+                self._finish(study, entry.trial, fold_outcome(entry.outcomes))
+        if entry.told and entry.running == 0:
+            del trials[number]
+
+    def _fold_ended(self, entry: "TrialJobs", fold: int, outcome: Outcome) -> None:
+        """Record fold ``fold``'s value(s) on the trial (user attr ``fold_values``)."""
+        if outcome.state != TrialState.COMPLETE:
+            log.info("trial %d, fold %d %s", entry.trial.number, fold, outcome.state.name)
+            return
+        entry.outcomes.append(outcome)
+        entry.fold_values[str(fold)] = outcome.values if self.multi else outcome.value
+        entry.trial.set_user_attr("fold_values", dict(entry.fold_values))
+
+    def _jobs_of(self, trial: optuna.Trial, folds: list[int | None]) -> list["Job"]:
+        """The jobs of ``trial``: one, or one per fold (job number trial x folds + fold)."""
+        parent = self.runs.parent_id if self.runs else None
+        if folds != [None] and self.runs is not None:
+            parent = self._guard(
+                "MLflow trial run", self.runs.trial_run, trial.number, self._baseline(trial)
+            )
+            if parent:
+                trial.set_user_attr("mlflow_run_id", parent)
+        jobs = []
+        for fold in folds:
+            overrides = self._job_overrides(trial, fold, parent)
+            number = trial.number if fold is None else trial.number * len(folds) + fold
+            jobs.append(Job(trial, fold, number, overrides))
+        return jobs
 
     # --- results -------------------------------------------------------------------------------
 
-    def _report(self, study: optuna.Study, sweep_dir: Path) -> None:
-        from tumorseg.sweep import results
+    def _sweep_stats(self) -> dict[str, Any]:
+        """This sweep's schedule, slots, wall and job time, and slot utilisation: job time /
+        (slots x wall time), see :class:`.jobs.SlotClock`."""
+        clock = self.clock
+        if clock is None or not clock.spans:
+            return {"schedule": self.schedule, "slots": self.n_jobs, "utilisation": None}
+        utilisation = clock.utilisation()
+        return {
+            "schedule": self.schedule,
+            "slots": clock.slots,
+            "jobs": len(clock.spans),
+            "wall_s": round(clock.wall(), 3),
+            "job_s": round(sum(e - b for b, e in clock.spans), 3),
+            "utilisation": None if utilisation is None else round(utilisation, 4),
+        }
 
-        summary = results(study, self.label)
+    def _report(self, study: optuna.Study, sweep_dir: Path) -> None:
+        from tumorseg.sweep import pareto_table, results
+
+        sweep = self._sweep_stats()
+        summary = results(study, self.label, sweep)
         OmegaConf.save(OmegaConf.create(summary), sweep_dir / "optimization_results.yaml")
         best = "no trial completed"
         if "best_trial" in summary:
             best = f"best trial {summary['best_trial']}: {summary['best_value']:.4f}"
+            if summary.get("best_stderr") is not None:
+                best += f" ± {summary['best_stderr']:.4f}"
             best += f" with {summary['best_params']}"
+            best += f"; within its noise (one standard error): trials {summary['within_noise']}"
+        elif "best_trials" in summary:
+            table = {"directions": summary["direction"], "best_trials": summary["best_trials"]}
+            best = f"Pareto front of {len(summary['best_trials'])} trials:\n{pareto_table(table)}"
+        if sweep["utilisation"] is not None:
+            log.info(
+                "%s schedule: slot utilisation %.2f (%d jobs, %.1f s of jobs in %d slots x %.1f s)",
+                self.schedule,
+                sweep["utilisation"],
+                sweep["jobs"],
+                sweep["job_s"],
+                sweep["slots"],
+                sweep["wall_s"],
+            )
         log.info("study %s: %s; %s", self.study_name, summary["states"], best)
         if self.runs is not None:
-            self._guard("MLflow summary", self.runs.summarize, study)
+            self._guard("MLflow summary", self.runs.summarize, study, sweep)
 
     @staticmethod
     def _guard(what: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -3,8 +3,10 @@
 ``tumorseg-register --run RUN_ID --name NAME [--alias champion]`` registers the run's logged
 model (``runs:/<run_id>/model``) as a new version of ``NAME`` and points the alias at it.
 ``--study RUN_ID`` takes the parent run of an Optuna study instead and registers its best
-trial's run (the parent's ``best_trial`` tag). The store is ``--tracking-uri``, else
-``$MLFLOW_TRACKING_URI``, else the project's local store. Bad input: one line, exit 2.
+trial's run (the parent's ``best_trial`` tag); ``--trial N`` registers trial N's run instead,
+and must be given where a study of several objectives has more than one best trial. The store
+is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the project's local store. Bad input: one
+line, exit 2.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def build_parser() -> Parser:
     add = parser.add_argument
     add("--run", metavar="RUN_ID", help="a training run with a logged model")
     add("--study", metavar="RUN_ID", help="a study's parent run: register its best trial")
+    add("--trial", type=int, metavar="N", help="with --study: register trial N's run")
     add("--name", required=True, help="registered model name")
     add("--alias", default="champion", help="alias of the new version (default champion)")
     add("--tracking-uri", metavar="URI", help="MLflow store (default: the project's)")
@@ -32,6 +35,8 @@ def build_parser() -> Parser:
 def check_args(args: argparse.Namespace) -> None:
     if (args.run is None) == (args.study is None):
         raise ArgError("give one of --run or --study")
+    if args.trial is not None and args.study is None:
+        raise ArgError("--trial goes with --study")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = args.tracking_uri or default_tracking_uri()
     try:
-        run_id = args.run or study_best_run(args.study, uri)
+        run_id = args.run or study_best_run(args.study, uri, args.trial)
         version = register_run(run_id, args.name, uri, args.alias or None)
     except DataError as err:
         cli.error(PROG, str(err))
