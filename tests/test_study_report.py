@@ -13,7 +13,7 @@ from scipy.stats import spearmanr
 from tests.multirun import mlflow_runs, optuna_storage, optuna_sweep, tracking_uri
 from tumorseg.cli.report import main as report_main
 from tumorseg.comparison import run_cases
-from tumorseg.study_report import paired_difference, rank_agreement, within_noise
+from tumorseg.study_report import paired_difference, rank_agreement
 
 
 def cases_of(per_trial: dict[int, list[float]]) -> pd.DataFrame:
@@ -50,22 +50,6 @@ def test_rank_agreement_is_spearman_between_objective_and_test_dice():
     trials["test_dice"] = [0.40, 0.45, 0.50, 0.90, np.nan]
     out = rank_agreement(trials)
     assert out["rho"] == pytest.approx(1.0) and out["n_trials"] == 4
-
-
-def test_within_noise_is_the_one_standard_error_rule():
-    trials = pd.DataFrame(
-        {
-            "trial": [0, 1, 2, 3],
-            "state": ["COMPLETE"] * 4,
-            "objective": [0.70, 0.74, 0.80, 0.78],
-            "stderr": [0.01, 0.02, 0.05, 0.03],
-        }
-    )
-    assert within_noise(trials, best=2) == [2, 3]  # 0.80 - 0.74 = 0.06 > 0.05: not trial 1
-    trials.loc[2, "stderr"] = 0.065
-    assert within_noise(trials, best=2) == [1, 2, 3]
-    trials.loc[2, "stderr"] = 0.01
-    assert within_noise(trials, best=2) == [2]
 
 
 @pytest.mark.slow

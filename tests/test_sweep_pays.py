@@ -290,3 +290,36 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     assert study_best_run(parent.info.run_id, uri, front[-1]) == run
     with pytest.raises(DataError, match="give --trial N"):
         study_best_run(parent.info.run_id, uri)
+
+
+@pytest.mark.slow
+def test_a_study_of_two_objectives_on_the_tiny_config(tmp_path, demo_root):
+    """train.py returns [val/case_dice_mean, model/params] (Scores, the first with its
+    bootstrap noise); widths sampled so the parameter counts differ; NSGA-II, no pruning."""
+    res = optuna_sweep(
+        tmp_path,
+        demo_root,
+        "data.val_fraction=0.5",
+        "optimized_metric=[val/case_dice_mean,model/params]",
+        "hydra.sweeper.direction=[maximize,minimize]",
+        "hydra/sweeper/sampler=nsgaii",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.params=null",
+        "model.net.features=choice([4,8,16],[8,16,32])",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (res.stdout + res.stderr).count("pruning is off") == 1
+    study = optuna.load_study(study_name="tumorseg-unet", storage=optuna_storage(tmp_path))
+    assert all(t.state == TrialState.COMPLETE and len(t.values) == 2 for t in study.trials)
+    runs = {
+        r.data.tags["optuna_trial"]: r for r in mlflow_runs(tmp_path, "tags.optuna_trial != ''")
+    }
+    for t in study.trials:
+        run = runs[str(t.number)]
+        assert t.values[0] == pytest.approx(run.data.metrics["val/case_dice_mean"])
+        assert t.values[1] == run.data.metrics["model/params"]
+        assert t.user_attrs["stderr"][0] == pytest.approx(
+            run.data.metrics["val/case_dice_mean_stderr"]
+        )
+    assert len({t.values[1] for t in study.trials}) == 2  # both widths were tried
+    assert study.best_trials

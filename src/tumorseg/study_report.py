@@ -14,7 +14,8 @@ case's score is its mean WT/TC/ET Dice, as the test stage's ``test/dice_mean`` a
 * **Can the objective be trusted?** Spearman's rho, across the study's completed trials,
   between the trial's objective (the first one) and its mean case-level test Dice.
 * **The noise**: each trial's objective with its standard error (trial attr ``stderr``), and
-  the trials whose objective lies within one standard error of the best's.
+  the trials whose objective lies within one standard error of the best's
+  (``tumorseg.sweep.within_noise``).
 
 Files in ``reports/<study>/`` (``--output``): ``study.md``, ``trials.csv``, ``paired.csv``,
 ``val_vs_test.png`` and ``paired_difference.png``; the same files go to the study's MLflow
@@ -34,6 +35,7 @@ import pandas as pd
 
 from tumorseg.comparison import MIN_PAIRS, markdown_table, run_cases, write_files
 from tumorseg.errors import DataError
+from tumorseg.sweep import within_noise
 
 if TYPE_CHECKING:
     import optuna
@@ -135,29 +137,15 @@ def trial_table(study: optuna.Study, cases: pd.DataFrame) -> pd.DataFrame:
         values = t.values or [np.nan] * len(study.directions)
         for i, v in enumerate(values):
             row["objective" if i == 0 else f"objective_{i}"] = v
-        row["stderr"] = t.user_attrs.get("stderr", np.nan)
+        se = t.user_attrs.get("stderr")
+        se = se[0] if isinstance(se, list) else se  # several objectives: the first's
+        row["stderr"] = np.nan if se is None else se
         row["baseline"] = bool(t.user_attrs.get(BASELINE_ATTR)) or t.number == 0
         row["test_dice"] = test["mean"].get(t.number, np.nan)
         row["test_cases"] = int(test["count"].get(t.number, 0))
         row |= {f"param.{k}": v for k, v in t.params.items()}
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def within_noise(trials: pd.DataFrame, best: int, maximize: bool = True) -> list[int]:
-    """Completed trials whose objective lies within one standard error of the best trial's
-    (the one-standard-error rule; the best's own error, else the trial's)."""
-    done = trials[trials["state"] == "COMPLETE"].set_index("trial")
-    if best not in done.index:
-        return []
-    top = done.loc[best]
-    out = []
-    for number, row in done.iterrows():
-        se = top["stderr"] if np.isfinite(top["stderr"]) else row["stderr"]
-        gap = (top["objective"] - row["objective"]) * (1 if maximize else -1)
-        if number == best or (np.isfinite(se) and gap <= se):
-            out.append(int(number))
-    return out
 
 
 def paired_difference(
@@ -335,8 +323,7 @@ def build_study_report(
     best = best_trial(study, trial)
     cases = trial_cases(client, trial_runs(client, study.study_name))
     trials = trial_table(study, cases)
-    maximize = study.directions[0].name == "MAXIMIZE"
-    close = within_noise(trials, best.number, maximize)
+    close = [t.number for t in within_noise(study)]
     paired = paired_difference(cases, best.number, base.number)
     ranks = rank_agreement(trials)
     writers: dict[str, Callable[[Path], None]] = {
