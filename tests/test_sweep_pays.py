@@ -323,3 +323,15 @@ def test_a_study_of_two_objectives_on_the_tiny_config(tmp_path, demo_root):
         )
     assert len({t.values[1] for t in study.trials}) == 2  # both widths were tried
     assert study.best_trials
+    # tumorseg-report --study shows the Pareto front as a table and a figure
+    from tests.multirun import tracking_uri
+    from tumorseg.cli.report import main as report_main
+
+    out = tmp_path / "report"
+    args = ["--study", "tumorseg-unet", "--storage", optuna_storage(tmp_path)]
+    assert report_main([*args, "--tracking-uri", tracking_uri(tmp_path), "--output", str(out)]) == 0
+    text = (out / "study.md").read_text()
+    table = text.split("## Pareto front", 1)[1].split("## Trials", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "trial" not in line]
+    assert sorted(int(r.split("|")[1]) for r in rows) == sorted(t.number for t in study.best_trials)
+    assert (out / "pareto_front.png").read_bytes()[:4] == b"\x89PNG"

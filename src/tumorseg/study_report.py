@@ -18,7 +18,8 @@ case's score is its mean WT/TC/ET Dice, as the test stage's ``test/dice_mean`` a
   (``tumorseg.sweep.within_noise``).
 
 Files in ``reports/<study>/`` (``--output``): ``study.md``, ``trials.csv``, ``paired.csv``,
-``val_vs_test.png`` and ``paired_difference.png``; the same files go to the study's MLflow
+``val_vs_test.png``, ``paired_difference.png`` and, for several objectives, the Pareto front
+(a table in ``study.md`` and ``pareto_front.png``); the same files go to the study's MLflow
 parent run (tag ``optuna_parent``) under ``report/``.
 """
 
@@ -35,7 +36,7 @@ import pandas as pd
 
 from tumorseg.comparison import MIN_PAIRS, markdown_table, run_cases, write_files
 from tumorseg.errors import DataError
-from tumorseg.sweep import within_noise
+from tumorseg.sweep import best_summary, pareto_table, study_plots, within_noise
 
 if TYPE_CHECKING:
     import optuna
@@ -44,7 +45,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BOOTSTRAP, SEED = 2000, 0
-STUDY_FILES = ("study.md", "trials.csv", "paired.csv", "val_vs_test.png", "paired_difference.png")
+STUDY_FILES = (
+    "study.md",
+    "trials.csv",
+    "paired.csv",
+    "val_vs_test.png",
+    "paired_difference.png",
+    "pareto_front.png",
+)
 BASELINE_ATTR = "baseline"  # user attr the sweeper sets on the enqueued config-as-given trial
 
 
@@ -256,6 +264,9 @@ def study_markdown(
         if close
         else "No trial records a standard error."
     )
+    if len(study.directions) > 1:
+        lines += ["", "## Pareto front", "", pareto_table(best_summary(study)).rstrip()]
+        lines += ["", "![Pareto front](pareto_front.png)"]
     lines += ["", "## Trials", ""]
     cols = [c for c in trials.columns if c != "baseline"]
     rows = [[_cell(r[c]) for c in cols] for _, r in trials.iterrows()]
@@ -312,6 +323,15 @@ def save_paired(cases: pd.DataFrame, paired: dict[str, Any], path: Path) -> None
     plt.close(fig)
 
 
+def save_pareto(study: optuna.Study, path: Path) -> None:
+    """Optuna's Pareto-front figure (the one the sweep logs to its parent run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        made = {p.name: p for p in study_plots(study, Path(tmp))}
+        if "pareto_front.png" not in made:
+            raise DataError(f"study {study.study_name!r}: no Pareto front to draw")
+        path.write_bytes(made["pareto_front.png"].read_bytes())
+
+
 # ---------------------------------------------------------------- everything
 
 
@@ -334,6 +354,8 @@ def build_study_report(
     }
     if paired.get("n_cases"):
         writers["paired_difference.png"] = lambda p: save_paired(cases, paired, p)
+    if len(study.directions) > 1:
+        writers["pareto_front.png"] = lambda p: save_pareto(study, p)
     return writers, {"paired": paired, "ranks": ranks, "within_noise": close}
 
 
