@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from tumorseg.labels import labels_from_regions
+from tumorseg.timing import active, phase
 from tumorseg.tracking import dataset_inputs, flatten
 
 matplotlib.use("Agg")
@@ -92,6 +93,10 @@ class MlflowArtifacts(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with phase("logging"):
+            self._log_inputs(trainer, pl_module)
+
+    def _log_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = _mlflow(trainer)
         config = getattr(pl_module, "config", None)
         if logger is None or not config:
@@ -106,6 +111,10 @@ class MlflowArtifacts(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with phase("logging"):
+            self._log_outputs(trainer, pl_module)
+
+    def _log_outputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = _mlflow(trainer)
         if logger is None:
             return
@@ -130,6 +139,21 @@ class MlflowArtifacts(L.Callback):
         pred = labels_from_regions(pl_module.predict_regions(logits)).cpu().numpy()
         names = [f"{cid} z={z}" for cid, z in index]
         return preview_figure(image.numpy(), labels.numpy(), pred, names)
+
+
+class PhaseTimer(L.Callback):
+    """The validation loops of a fit as phase ``validation`` of the run's recorder
+    (``tumorseg.timing``): what is left of the fit is ``train``. Nothing outside a run."""
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        phases = active()
+        if phases is not None and trainer.state.fn == "fit":
+            phases.start("validation")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        phases = active()
+        if phases is not None and trainer.state.fn == "fit":
+            phases.stop("validation")
 
 
 class SystemMetrics(L.Callback):
