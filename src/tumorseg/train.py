@@ -58,10 +58,12 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
 
     from tumorseg.case_eval import test_stage
     from tumorseg.inference import load_for_inference
+    from tumorseg.module import should_compile
 
     ckpt = trainer.checkpoint_callback
     kept = ckpt.best_model_path if ckpt is not None else ""  # Lightning's name for the kept one
-    module = load_for_inference(kept, model.device) if kept else model
+    compiled = should_compile(cfg.model.get("compile", False), model.device.type, 0)
+    module = load_for_inference(kept, model.device, compile=compiled) if kept else model
     test_cases, val_cases = datamodule.raw_cases("test"), datamodule.raw_cases("val")
     normalised = test_cases is None
     if normalised:
