@@ -1,7 +1,8 @@
 """Inference: a trained checkpoint segments one case, replaying training's preprocessing.
 
-``load_for_inference`` rebuilds the net from a checkpoint alone, as a ``Predictor`` (no
-Lightning: ``tumorseg-predict`` starts in about a second); ``predict_case`` takes a
+``load_for_inference`` rebuilds the net from a checkpoint alone, as a ``Predictor`` (without
+importing Lightning, Hydra or MLflow, which took seconds of ``tumorseg-predict``'s start-up);
+``predict_case`` takes a
 raw case (any orientation, any voxel size) and returns canonical labels on the case's own
 grid. What happens to the case is ``tumorseg.data.preprocess``: the checkpoint's recorded
 ``Preprocessing`` is replayed, slices go through the net in batches, and the probabilities are
@@ -103,7 +104,12 @@ class Predictor(torch.nn.Module):
 
 def build(config: Any) -> Any:
     """The object a Hydra ``_target_`` config describes, with its arguments built first;
-    without Hydra (which ``tumorseg-predict`` would otherwise import)."""
+    without Hydra (which ``tumorseg-predict`` would otherwise import) for plain ``_target_``
+    configs, through Hydra for any other ``_``-option."""
+    if isinstance(config, dict) and any(k.startswith("_") and k != "_target_" for k in config):
+        from hydra.utils import instantiate
+
+        return instantiate(config)
     if isinstance(config, list):
         return [build(v) for v in config]
     if not isinstance(config, dict):
@@ -111,8 +117,6 @@ def build(config: Any) -> Any:
     args = {k: build(v) for k, v in config.items() if not k.startswith("_")}
     if "_target_" not in config:
         return args
-    if config.get("_partial_") or any(k not in ("_target_",) for k in config if k[0] == "_"):
-        raise ValueError(f"cannot build {config['_target_']}: only plain _target_ configs")
     module_name, _, name = config["_target_"].rpartition(".")
     return getattr(importlib.import_module(module_name), name)(**args)
 

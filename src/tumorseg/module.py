@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,19 @@ from tumorseg.labels import target as target_of
 from tumorseg.losses import LabelLoss, RegionLoss
 from tumorseg.metrics import RegionMetrics
 
+log = logging.getLogger(__name__)
+
 # model.compile=auto compiles on the CPU only for fits of at least this many training steps:
 # the break-even point, compile seconds / seconds saved per step, of the default U-Net (bf16
-# autocast + channels-last, batch 16, 128x128) on the 2-core dev CPU, measured with
-# `python -m tumorseg.bench.compile --steps 40` (docs/benchmarks.md): compiling the training and
-# eval graphs took 66 s (cold cache; 5 s warm) and the compiled step was 6 % faster in one run,
-# 6 % slower in another (eager and compiled steps alternating, other jobs on the cores). With
-# the better 6 % of a 0.2 s step (12 ms), 66 s pays back after 5,500 steps; the default run
-# (6 epochs x ~230 steps = ~1,400) stays eager. On CUDA, auto always compiles.
-COMPILE_SECONDS_CPU = 66.0
-COMPILE_GAIN_CPU = 0.012
-COMPILE_MIN_STEPS_CPU = 5500  # = COMPILE_SECONDS_CPU / COMPILE_GAIN_CPU
-COMPILE_CHOICES = (False, True, "auto")
+# autocast + channels-last, batch 16, 128x128) on the 2-core dev CPU. Measured with
+# `TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m tumorseg.bench.compile --steps 40` at a
+# 1-minute load of 2.7 (docs/benchmarks.md): compiling the training and eval graphs took 56.5 s
+# (cold cache), and the median step went from 283 ms eager to 276 ms compiled (steps
+# alternating): 6.2 ms saved per step, so 56.5 s pays back after ~9,100 steps. The default
+# run (6 epochs x ~230 steps = ~1,400) stays eager. On CUDA, auto always compiles.
+COMPILE_SECONDS_CPU = 56.5
+COMPILE_GAIN_CPU = 0.0062
+COMPILE_MIN_STEPS_CPU = 9100  # = COMPILE_SECONDS_CPU / COMPILE_GAIN_CPU, rounded
 
 
 def compile_choice(value: bool | str) -> bool | str:
@@ -186,11 +188,7 @@ class SegModule(L.LightningModule):
         trainer = self.trainer
         steps = trainer.estimated_stepping_batches - trainer.global_step
         if should_compile(self.hparams.compile, self.device.type, steps):
-            import logging
-
-            logging.getLogger(__name__).info(
-                "torch.compile: the net (%s, %s training steps)", self.device.type, steps
-            )
+            log.info("torch.compile: the net (%s, %s training steps)", self.device.type, steps)
             self.net.compile()
 
     def configure_optimizers(self) -> Any:
