@@ -170,9 +170,13 @@ def test_msd_4d_image(ckpt, module, demo_root, tmp_path):
     assert np.array_equal(labels, predict_case(module, case))
 
 
-def test_folder_of_cases_then_evaluate(ckpt, module, demo_root, tmp_path, capsys):
-    """A folder goes through the pipeline (read ahead, write behind): each output equals the
-    case predicted alone, and the command reports its throughput."""
+@pytest.mark.parametrize("threads", [True, False], ids=["threads", "in_turn"])
+def test_folder_of_cases_then_evaluate(
+    ckpt, module, demo_root, tmp_path, capsys, monkeypatch, threads
+):
+    """A folder, with reader and writer threads or in turn: each output equals the case
+    predicted alone, and the command reports its throughput."""
+    monkeypatch.setattr("tumorseg.cli.predict.spare_cores", lambda module: threads)
     root = tmp_path / "cases"  # two of the demo cases
     cases = sorted(p.name for p in demo_root.iterdir() if p.is_dir())[:2]
     for cid in cases:

@@ -1,6 +1,7 @@
 """Seconds per case of ``tumorseg-predict`` on a folder, reading and writing included: cases one
-after another through the path as it was before the pipeline (sigmoid probabilities mapped back,
-batch 32) next to the pipelined command (``cli.predict.segment``), in interleaved rounds.
+after another through the path as it was before (sigmoid probabilities mapped back, batch 32)
+next to the command's own (``cli.predict.segment``: reader and writer threads where there are
+spare cores, ``spare_cores``), in interleaved rounds.
 
 ``python -m tumorseg.bench.pipeline [--cases 4] [--rounds 3] [--batch-size 32]``: the default
 U-Net with random weights on generated demo cases (240x240x155); prints the best and median
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from tumorseg.bench.inference import default_module
+from tumorseg.cli.predict import spare_cores
 from tumorseg.data.nifti import Case
 from tumorseg.data.preprocess import NetInput
 from tumorseg.data.readers import list_cases
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         label = (
             "before: one case after another, batch 32"
             if name == "before"
-            else f"pipelined tumorseg-predict, batch {args.batch_size}"
+            else f"tumorseg-predict (threads: {'yes' if spare_cores(module) else 'no'}), "
+            f"batch {args.batch_size}"
         )
         print(f"| {label} | {best:.2f} | {statistics.median(values):.2f} | {60 / best:.1f} |")
     print(f"labels differ on {differ} of {total} voxels ({differ / total:.2e})")

@@ -61,6 +61,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,21 +245,52 @@ def write_job(
     log.info("%s: %s labels, %d tumour voxels", job.case_id, convention, (labels > 0).sum())
 
 
+class Inline:
+    """An executor that runs each task at once, in the calling thread."""
+
+    def __enter__(self) -> Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except BaseException as err:  # raised where the result is asked for, as a thread's
+            done.set_exception(err)
+        return done
+
+
+def spare_cores(module: SegModule) -> bool:
+    """Whether reading and writing threads have cores to themselves: the net runs on a GPU, or
+    torch's threads leave CPU cores free. On the 2-core dev machine with torch's 2 threads,
+    threads beside the net slowed every case (docs/benchmarks.md), so cases run in turn."""
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return module.device.type != "cpu" or (cores or 1) > torch.get_num_threads()
+
+
 def segment(args: argparse.Namespace, jobs: list[Job], module: SegModule) -> float:
     """Predict every job and write its outputs, all or nothing; returns the seconds it took.
 
-    Cases are pipelined: one thread reads and preprocesses the next case and another maps the
-    previous one back and writes it (gzip, numpy and the file system, mostly outside the GIL)
-    while the net runs on this one.
+    Where there are spare cores (``spare_cores``), cases are pipelined: one thread reads and
+    preprocesses the next case and another maps the previous one back and writes it while the
+    net runs on this one; else the same steps run in turn.
     """
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
+    pipelined = spare_cores(module)
     start = time.perf_counter()
     with (
         staged_outputs() as temp_for,
         cli.progress_bar(args.quiet) as bar,
-        ThreadPoolExecutor(1, thread_name_prefix="read") as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="write") as writer,
+        ThreadPoolExecutor(1, thread_name_prefix="read") if pipelined else Inline() as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="write") if pipelined else Inline() as writer,
     ):
         cases_task = bar.add_task("cases", total=len(jobs))
         slices_task = bar.add_task("slices", total=None)
