@@ -18,15 +18,17 @@ from tumorseg.bench.inference import predict_case_naive
 from tumorseg.cli.evaluate import main as evaluate_main
 from tumorseg.cli.predict import main
 from tumorseg.data.nifti import MODALITIES, Case, read_case
+from tumorseg.data.preprocess import NetInput
 from tumorseg.inference import (
     ET,
     NCR,
+    autocast_dtype,
     load_for_inference,
     predict_case,
     remove_small_et,
     slice_probs,
 )
-from tumorseg.labels import CONVENTIONS, from_canonical, to_canonical
+from tumorseg.labels import CONVENTIONS, from_canonical, target, to_canonical
 from tumorseg.overlay import overlay_figure, panels
 from tumorseg.train import run
 
@@ -168,7 +170,13 @@ def test_msd_4d_image(ckpt, module, demo_root, tmp_path):
     assert np.array_equal(labels, predict_case(module, case))
 
 
-def test_folder_of_cases_then_evaluate(ckpt, demo_root, tmp_path):
+@pytest.mark.parametrize("threads", [True, False], ids=["threads", "in_turn"])
+def test_folder_of_cases_then_evaluate(
+    ckpt, module, demo_root, tmp_path, capsys, monkeypatch, threads
+):
+    """A folder, with reader and writer threads or in turn: each output equals the case
+    predicted alone, and the command reports its throughput."""
+    monkeypatch.setattr("tumorseg.cli.predict.spare_cores", lambda module: threads)
     root = tmp_path / "cases"  # two of the demo cases
     cases = sorted(p.name for p in demo_root.iterdir() if p.is_dir())[:2]
     for cid in cases:
@@ -177,9 +185,14 @@ def test_folder_of_cases_then_evaluate(ckpt, demo_root, tmp_path):
             (root / cid / f.name).symlink_to(f)
     out = tmp_path / "preds"
     assert predict(ckpt, "--input", root, "--output", out) == 0
+    printed = capsys.readouterr().out
+    assert "2 cases in " in printed and "cases/min" in printed
     assert sorted(p.name for p in out.iterdir()) == [f"{c}.nii.gz" for c in cases]
     for cid in cases:
         assert_geometry(out / f"{cid}.nii.gz", root / cid / f"{cid}_flair.nii.gz", "brats2020")
+        alone = predict_case(module, read_case(root / cid, with_seg=False))
+        written = to_canonical(np.asarray(nib.load(out / f"{cid}.nii.gz").dataobj), "brats2020")
+        assert np.array_equal(written, alone), cid
     csv = tmp_path / "metrics.csv"
     overlays = tmp_path / "overlays"
     argv = ["--predictions", out, "--references", root, "--output", csv, "--quiet"]
@@ -190,6 +203,66 @@ def test_folder_of_cases_then_evaluate(ckpt, demo_root, tmp_path):
     pngs = sorted(p.name for p in overlays.iterdir())
     assert pngs == [f"{c}.png" for c in cases]
     assert (overlays / pngs[0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def predict_case_before(module, case: Case, batch_size: int = 32) -> np.ndarray:
+    """The batched path as it was before the pipeline: every batch through ``slice_probs``
+    (sigmoid probabilities), mapped back, then decided."""
+    replay = NetInput.of(case.image, case.affine, module.preprocessing, case.case_id)
+    goal = target(module.hparams.target)
+    dtype = autocast_dtype(module.device)
+    labels = np.zeros(replay.oriented, dtype=np.uint8)
+    with torch.inference_mode():
+        for start in range(0, len(replay.keep), batch_size):
+            x = replay.image[start : start + batch_size]
+            probs = replay.back(slice_probs(module, x, False, dtype), goal.background())
+            labels[:, :, replay.keep[start : start + batch_size]] = (
+                goal.decide(probs).permute(1, 2, 0).numpy()
+            )
+    return replay.undo(labels)
+
+
+# The fast path decides regions on the logits' sign (float32's sigmoid rounds logits under
+# 1.2e-7 to 0.5) and resizes them in plain memory layout: labels may differ on this fraction.
+FAST_PATH_TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("batch_size", [32, 64])
+def test_fast_path_gives_the_labels_of_the_lightning_module(ckpt, module, demo_root, batch_size):
+    """Today's path (the LightningModule from the checkpoint, probabilities) and the fast one
+    (``Predictor``, logits, any batch size) label the demo cases alike."""
+    from tumorseg.module import load_checkpoint
+
+    lightning = load_checkpoint(ckpt).eval()
+    lightning.net.to(memory_format=torch.channels_last)
+    for cid in sorted(p.name for p in demo_root.iterdir() if p.is_dir())[:2]:
+        case = read_case(demo_root / cid, with_seg=False)
+        before = predict_case_before(lightning, case)
+        now = predict_case(module, case, batch_size=batch_size)
+        assert (before > 0).sum() > 0
+        assert (now != before).mean() <= FAST_PATH_TOLERANCE, cid
+
+
+def test_predict_imports_no_lightning(ckpt, demo_root, tmp_path):
+    """``tumorseg-predict`` on a case reads the checkpoint without Lightning (nor Hydra,
+    MLflow): those imports alone take seconds of its start-up."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "seg.nii.gz"
+    code = (
+        "import sys\n"
+        "from tumorseg.cli.predict import main\n"
+        f"rc = main(['--checkpoint', {str(ckpt)!r}, '--input', {str(demo_root / CASE)!r}, "
+        f"'--output', {str(out)!r}, '--quiet'])\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'lightning', 'pytorch_lightning', 'hydra', 'mlflow', 'omegaconf'})\n"
+        "print('heavy:', heavy)\n"
+        "sys.exit(rc or bool(heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert out.is_file()
 
 
 def as_if_saved_on_gpu(ckpt: Path, out: Path) -> Path:

@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from tumorseg.labels import labels_from_regions
+from tumorseg.timing import active, phase
 from tumorseg.tracking import compared_params, dataset_inputs, varied_keys
 
 matplotlib.use("Agg")
@@ -105,6 +106,10 @@ class MlflowArtifacts(L.Callback):
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with phase("logging"):
+            self._log_inputs(trainer, pl_module)
+
+    def _log_inputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = _mlflow(trainer)
         config = getattr(pl_module, "config", None)
         if logger is None or not config:
@@ -122,6 +127,10 @@ class MlflowArtifacts(L.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with phase("logging"):
+            self._log_outputs(trainer, pl_module)
+
+    def _log_outputs(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = _mlflow(trainer)
         if logger is None:
             return
@@ -146,6 +155,21 @@ class MlflowArtifacts(L.Callback):
         pred = labels_from_regions(pl_module.predict_regions(logits)).cpu().numpy()
         names = [f"{cid} z={z}" for cid, z in index]
         return preview_figure(image.numpy(), labels.numpy(), pred, names)
+
+
+class PhaseTimer(L.Callback):
+    """The validation loops of a fit as phase ``validation`` of the run's recorder
+    (``tumorseg.timing``): what is left of the fit is ``train``. Nothing outside a run."""
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        phases = active()
+        if phases is not None and trainer.state.fn == "fit":
+            phases.start("validation")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        phases = active()
+        if phases is not None and trainer.state.fn == "fit":
+            phases.stop("validation")
 
 
 class SystemMetrics(L.Callback):

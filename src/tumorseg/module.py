@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,12 +11,59 @@ import lightning as L
 import torch
 from torch import nn
 
-from tumorseg.data.preprocess import Preprocessing
-from tumorseg.errors import DataError, first_line
+from tumorseg.checkpoint import (  # noqa: F401  (their home before tumorseg.checkpoint)
+    LEGACY_MAGIC,
+    OBJECT_REFUSED,
+    SAFE_GLOBALS,
+    ZIP_MAGIC,
+    CheckpointError,
+    checkpoint_file_problem,
+    plain_state_dict,
+    read_checkpoint,
+)
+from tumorseg.data.preprocess import Preprocessing, preprocessing_from_config
 from tumorseg.labels import regions_from_labels
 from tumorseg.labels import target as target_of
 from tumorseg.losses import LabelLoss, RegionLoss
 from tumorseg.metrics import RegionMetrics
+
+log = logging.getLogger(__name__)
+
+# model.compile=auto compiles on the CPU only for fits of at least this many training steps:
+# the break-even point, compile seconds / seconds saved per step, of the default U-Net (bf16
+# autocast + channels-last, batch 16, 128x128) on the 2-core dev CPU. Measured with
+# `TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python -m tumorseg.bench.compile --steps 40` at a
+# 1-minute load of 2.7 (docs/benchmarks.md): compiling the training and eval graphs took 56.5 s
+# (cold cache), and the median step went from 283 ms eager to 276 ms compiled (steps
+# alternating): 6.2 ms saved per step, so 56.5 s pays back after ~9,100 steps. The default
+# run (6 epochs x ~230 steps = ~1,400) stays eager. On CUDA, auto always compiles.
+COMPILE_SECONDS_CPU = 56.5
+COMPILE_GAIN_CPU = 0.0062
+COMPILE_MIN_STEPS_CPU = 9100  # = COMPILE_SECONDS_CPU / COMPILE_GAIN_CPU, rounded
+
+
+def compile_choice(value: bool | str) -> bool | str:
+    """``model.compile`` as False, True or ``auto`` (also from the strings Hydra may pass)."""
+    text = str(value).lower()
+    if text in ("false", "0", "no", "off", "none"):
+        return False
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text == "auto":
+        return "auto"
+    raise ValueError(f"model.compile must be false, true or auto, got {value!r}")
+
+
+def should_compile(choice: bool | str, device_type: str, steps: int | float) -> bool:
+    """Whether a fit compiles the net: ``true`` always, ``false`` never; ``auto`` on CUDA, and
+    on the CPU for fits of at least ``COMPILE_MIN_STEPS_CPU`` training steps (shorter ones
+    would spend more on compiling than it saves)."""
+    choice = compile_choice(choice)
+    if choice != "auto":
+        return choice
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and steps >= COMPILE_MIN_STEPS_CPU > 0
 
 
 def out_channels(target: str) -> int:
@@ -36,6 +83,9 @@ class SegModule(L.LightningModule):
         dice_weight, ce_weight: loss weights.
         channels_last: run convolutions in channels-last memory format (faster on CPU and GPU).
         name: variant name, used as an MLflow tag.
+        compile: ``torch.compile`` the net when a fit starts: ``false``, ``true`` or ``auto``
+            (``should_compile``). The net is compiled in place (``nn.Module.compile``), so its
+            parameters keep their names and checkpoints load without compiling.
     Batches are ``(image (N, 4, H, W) float, labels (N, H, W) uint8 canonical)``.
     """
 
@@ -49,9 +99,11 @@ class SegModule(L.LightningModule):
         ce_weight: float = 1.0,
         channels_last: bool = True,
         name: str = "unet",
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         out_channels(target)
+        compile_choice(compile)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
@@ -131,6 +183,14 @@ class SegModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test_slice")
 
+    def on_fit_start(self) -> None:
+        """Compile the net as ``model.compile`` says, for the steps this fit has left."""
+        trainer = self.trainer
+        steps = trainer.estimated_stepping_batches - trainer.global_step
+        if should_compile(self.hparams.compile, self.device.type, steps):
+            log.info("torch.compile: the net (%s, %s training steps)", self.device.type, steps)
+            self.net.compile()
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_fn(self.parameters())
         if self.scheduler_fn is None:
@@ -142,6 +202,8 @@ class SegModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = plain_state_dict(checkpoint["state_dict"])
         checkpoint["tumorseg_config"] = self.config
         checkpoint["tumorseg_preprocessing"] = self.preprocessing.to_dict()
         for logger in self.loggers:
@@ -153,111 +215,6 @@ class SegModule(L.LightningModule):
         self.config = checkpoint.get("tumorseg_config", self.config)
         if checkpoint.get("tumorseg_preprocessing"):
             self._preprocessing = Preprocessing.from_dict(checkpoint["tumorseg_preprocessing"])
-
-
-def preprocessing_from_config(config: dict | None) -> Preprocessing:
-    """The preprocessing of a run config, for checkpoints that predate its recording (BraTS
-    orientation and 1 mm spacing; the crop, resize and slice filter of ``data``)."""
-    data = (config or {}).get("data") or {}
-    crop = data.get("crop")
-    skip = data.get("skip_empty", "brain")
-    skip = {True: "brain", False: "none", None: "none"}.get(skip, skip)
-    return Preprocessing(
-        crop=crop,
-        slice_shape=(crop, crop) if crop else (240, 240),
-        image_size=data.get("image_size"),
-        skip_empty=skip,
-        min_brain_fraction=data.get("min_brain_fraction", 0.02),
-    )
-
-
-class CheckpointError(DataError):
-    """A checkpoint that cannot be loaded as plain data."""
-
-
-# What a tumorseg checkpoint holds besides tensors, containers, numbers and strings.
-SAFE_GLOBALS: tuple[Any, ...] = ()
-
-
-# How torch.save files begin: a zip archive (torch >= 1.6), or the pickled magic number of the
-# older format (protocol 2, the long 0x1950a86a20f9469cfc6c).
-ZIP_MAGIC = b"PK\x03\x04"
-LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-
-
-# How torch.load(weights_only=True) names an object it refuses to construct; any other error
-# means the file's content is damaged.
-OBJECT_REFUSED = (
-    r"GLOBAL ([\w.]+)",
-    r"Can only (?:create new object|build)[^<]*<class '([\w.]+)'>",
-    r"unrecognized function ([\w.<>]+)",
-)
-
-
-def checkpoint_file_problem(path: str | Path) -> str | None:
-    """Why the file cannot be a checkpoint written by ``torch.save`` (empty, neither a zip
-    archive nor torch's pickle format, a zip archive cut short or without a pickle), or None."""
-    import zipfile
-
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_MAGIC))
-    if not head:
-        return "empty file, not a PyTorch checkpoint"
-    if head.startswith(ZIP_MAGIC):
-        if not zipfile.is_zipfile(path):
-            return "truncated checkpoint (a zip archive that ends early)"
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, ValueError) as err:
-            return f"not a PyTorch checkpoint (broken zip archive: {first_line(err)})"
-        if not any(name.endswith("data.pkl") for name in names):
-            return "not a PyTorch checkpoint (a zip archive without data.pkl)"
-        return None
-    if head.startswith(b"\x80"):
-        if LEGACY_MAGIC.startswith(head):
-            return None
-        return "not a PyTorch checkpoint (a pickle that torch.save did not write)"
-    return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
-
-
-def read_checkpoint(
-    path: str | Path, map_location: str | torch.device = "cpu", trust: bool = False
-) -> dict[str, Any]:
-    """The checkpoint dict, read as data only (``torch.load(weights_only=True)``).
-
-    A file that is no readable checkpoint (not written by ``torch.save``, truncated, corrupt)
-    raises a ``CheckpointError`` saying so. A file holding any other object than plain data
-    (which unpickling would construct, running its code) is refused with a ``CheckpointError``
-    naming the type, unless ``trust``.
-    """
-    import pickle
-
-    problem = checkpoint_file_problem(path)
-    if problem:
-        raise CheckpointError(f"{path}: {problem}")
-    # Errors torch.load raises for a file whose content is damaged.
-    damaged = (pickle.UnpicklingError, EOFError, IndexError, KeyError, RuntimeError, ValueError)
-    try:
-        if trust:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except damaged as err:
-        text = str(err)
-        found = next(filter(None, (re.search(p, text) for p in OBJECT_REFUSED)), None)
-        if found and not trust:
-            raise CheckpointError(
-                f"{path}: checkpoint holds a {found.group(1)} object, which loading would run as "
-                "code; refused (pass --trust-checkpoint only for a file from a source you trust)"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)
-        detail = detail.group(1).strip() if detail else first_line(err)
-        if isinstance(err, EOFError) or "truncated" in text:
-            raise CheckpointError(f"{path}: truncated checkpoint ({detail})") from None
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint, corrupt or truncated ({detail})"
-        ) from None
 
 
 def load_checkpoint(
@@ -272,7 +229,7 @@ def load_checkpoint(
     if not config:
         raise ValueError(f"{path}: checkpoint holds no tumorseg config")
     module: SegModule = instantiate(OmegaConf.create(config["model"]))
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(plain_state_dict(ckpt["state_dict"]))
     module.config = config
     module.on_load_checkpoint(ckpt)
     return module.eval()

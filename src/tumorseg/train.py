@@ -15,6 +15,7 @@ from tumorseg.console import quiet
 from tumorseg.errors import DataError
 from tumorseg.launch import ddp_child_config, ddp_job, devices_tag
 from tumorseg.precision import auto_precision, uses_gpu
+from tumorseg.timing import timed
 from tumorseg.tracking import git_commit, run_link
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def _sweep_tags() -> dict[str, str]:
     return {"sweep": hc.sweep.dir, "sweep_job": str(hc.job.num)}
 
 
+@timed("test")
 def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
     """Predict the test cases volume by volume with the kept checkpoint, from the raw cases as
     ``tumorseg-predict`` would (store volumes when ``data.root`` is a store); log the scores."""
@@ -56,10 +58,12 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
 
     from tumorseg.case_eval import test_stage
     from tumorseg.inference import load_for_inference
+    from tumorseg.module import should_compile
 
     ckpt = trainer.checkpoint_callback
     kept = ckpt.best_model_path if ckpt is not None else ""  # Lightning's name for the kept one
-    module = load_for_inference(kept, model.device) if kept else model
+    compiled = should_compile(cfg.model.get("compile", False), model.device.type, 0)
+    module = load_for_inference(kept, model.device, compile=compiled) if kept else model
     test_cases, val_cases = datamodule.raw_cases("test"), datamodule.raw_cases("val")
     normalised = test_cases is None
     if normalised:
@@ -95,6 +99,7 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and getattr(HydraConfig.get().mode, "name", "") == "MULTIRUN"
 
 
+@timed("validation")
 def validate_cases(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
     """Predict the validation patients volume by volume with the kept checkpoint (the test
     stage's path), log their case-level Dice, its noise and the seconds per case."""
@@ -152,6 +157,7 @@ def objective(cfg: DictConfig, trainer, measured: dict[str, float], score: Any) 
     return values[0] if len(values) == 1 else values
 
 
+@timed("logging")
 def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
     """The kept checkpoint as the run's MLflow model ``model`` (``tumorseg.mlflow_model``),
     registered as ``registered_model_name`` when that is set."""
@@ -168,6 +174,20 @@ def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
     log.info("MLflow model %s%s", info.model_uri, f", registered as {name}" if name else "")
 
 
+def report_phases(phases, logger, trainer) -> None:
+    """Where the run's time went: a table on the console and ``time/*`` metrics in MLflow
+    (rank 0; ``tumorseg.timing``)."""
+    from tumorseg import timing
+
+    values = phases.finish()
+    timing.end()
+    if not trainer.is_global_zero:
+        return
+    log.info("where the time went (s):\n%s", timing.table(values))
+    if logger is not None:
+        logger.log_metrics(phases.metrics(values), step=trainer.global_step)
+
+
 def run(cfg: DictConfig) -> Any:
     """Train (and test) as ``cfg`` says; returns the kept checkpoint's ``optimized_metric``
     (``tumorseg.objective.Score``; a list of them for several metrics), ``val/dice_mean`` by
@@ -176,6 +196,9 @@ def run(cfg: DictConfig) -> Any:
     volume (``val/case_dice_*``, the objective's standard error, ``predict/seconds_per_case``)."""
     import lightning as L
 
+    from tumorseg import timing
+
+    phases = timing.begin()
     quiet()
     run_id = None
     if cfg.get("ckpt_path"):
@@ -219,8 +242,9 @@ def run(cfg: DictConfig) -> Any:
     log.info("precision %s, variant %s", cfg.trainer.precision, cfg.model.name)
     if logger is not None and _is_rank_zero():
         log.info("%s", run_link(logger))
+    phases.startup_done()
     if cfg.get("train", True):
-        with ddp_job(config, cfg.paths.output_dir):  # DDP children run this job, nothing else
+        with ddp_job(config, cfg.paths.output_dir), timing.phase("train"):
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     # monitored: the kept (best) epoch's score; not monitored (the default): None, and the
     # last validation's value below is the kept epoch's
@@ -246,6 +270,7 @@ def run(cfg: DictConfig) -> Any:
         if logger is not None and trainer.is_global_zero:
             logger.experiment.set_terminated(logger.run_id, "FAILED")
         raise
+    report_phases(phases, logger, trainer)
     if score is None:
         score = trainer.callback_metrics.get("val/dice_mean")
     if logger is not None and _is_rank_zero():

@@ -59,9 +59,12 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -69,12 +72,21 @@ import numpy as np
 from tumorseg import cli
 from tumorseg.cli import ArgError, Parser
 from tumorseg.data.nifti import MODALITIES, SUFFIXES, Case, read_images
+from tumorseg.data.preprocess import NetInput
 from tumorseg.data.readers import CaseRef, list_cases, read_any
 from tumorseg.errors import DataError, first_line
-from tumorseg.inference import load_for_inference, predict_case, segmentation_image
+from tumorseg.inference import (
+    finish_case,
+    label_slices,
+    load_for_inference,
+    prepare_case,
+    segmentation_image,
+)
 from tumorseg.labels import CONVENTIONS, from_canonical
-from tumorseg.module import SegModule
 from tumorseg.outputs import staged_outputs
+
+if TYPE_CHECKING:
+    from tumorseg.module import SegModule
 
 PROG = "tumorseg-predict"
 OVERLAY_MODALITIES = ("flair", "t1ce")
@@ -206,32 +218,113 @@ def save_overlay(path: Path, case: Case, labels: np.ndarray, modality: str) -> N
 # ---------------------------------------------------------------- run
 
 
-def segment(args: argparse.Namespace, jobs: list[Job], module: SegModule) -> None:
-    """Predict every job and write its outputs, all or nothing."""
-    with staged_outputs() as temp_for, cli.progress_bar(args.quiet) as bar:
+def read_job(job: Job, module: SegModule) -> tuple[nib.Nifti1Header, Case, NetInput]:
+    """The header the output copies, the case and its preprocessing replay (the reader
+    thread's part)."""
+    header, case = reference_header(job.reference), job.load()
+    return header, case, prepare_case(module, case)
+
+
+def write_job(
+    args: argparse.Namespace,
+    job: Job,
+    case: Case,
+    replay: NetInput,
+    oriented: np.ndarray,
+    header: nib.Nifti1Header,
+    paths: tuple[Path, Path | None],
+) -> None:
+    """The segmentation (and overlay) of one case into its temporary files, from its labels
+    in the training orientation (the writer thread's part)."""
+    labels = finish_case(replay, oriented, args.min_et_voxels)
+    convention = args.labels or job.convention
+    image = segmentation_image(from_canonical(labels, convention), case.affine, header)
+    nib.save(image, paths[0])
+    if paths[1] is not None:
+        save_overlay(paths[1], case, labels, args.overlay_modality)
+    log.info("%s: %s labels, %d tumour voxels", job.case_id, convention, (labels > 0).sum())
+
+
+class Inline:
+    """An executor that runs each task at once, in the calling thread."""
+
+    def __enter__(self) -> Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable, *args: object) -> Future:
+        done: Future = Future()
+        try:
+            done.set_result(fn(*args))
+        except BaseException as err:  # raised where the result is asked for, as a thread's
+            done.set_exception(err)
+        return done
+
+
+def spare_cores(module: SegModule) -> bool:
+    """Whether reading and writing threads have cores to themselves: the net runs on a GPU, or
+    torch's threads leave CPU cores free. On the 2-core dev machine with torch's 2 threads,
+    threads beside the net slowed every case (docs/benchmarks.md), so cases run in turn."""
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return module.device.type != "cpu" or (cores or 1) > torch.get_num_threads()
+
+
+def segment(args: argparse.Namespace, jobs: list[Job], module: SegModule) -> float:
+    """Predict every job and write its outputs, all or nothing; returns the seconds it took.
+
+    Where there are spare cores (``spare_cores``), cases are pipelined: one thread reads and
+    preprocesses the next case and another maps the previous one back and writes it while the
+    net runs on this one; else the same steps run in turn.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipelined = spare_cores(module)
+    start = time.perf_counter()
+    with (
+        staged_outputs() as temp_for,
+        cli.progress_bar(args.quiet) as bar,
+        ThreadPoolExecutor(1, thread_name_prefix="read") if pipelined else Inline() as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="write") if pipelined else Inline() as writer,
+    ):
         cases_task = bar.add_task("cases", total=len(jobs))
         slices_task = bar.add_task("slices", total=None)
-        for job in jobs:
-            header = reference_header(job.reference)
-            case = job.load()
+        writes: list[Future] = []
+        upcoming = reader.submit(read_job, jobs[0], module) if jobs else None
+        for i, job in enumerate(jobs):
+            header, case, replay = upcoming.result()
+            if i + 1 < len(jobs):
+                upcoming = reader.submit(read_job, jobs[i + 1], module)
             bar.reset(slices_task, total=case.image.shape[3], description=job.case_id)
-            labels = predict_case(
+            labels = label_slices(
                 module,
-                case,
+                replay,
                 tta=args.tta,
                 batch_size=args.batch_size,
-                min_et_voxels=args.min_et_voxels,
                 progress=lambda n: bar.advance(slices_task, n),
             )
-            convention = args.labels or job.convention
-            image = segmentation_image(from_canonical(labels, convention), case.affine, header)
-            nib.save(image, temp_for(job.output))
-            if job.overlay is not None:
-                save_overlay(temp_for(job.overlay), case, labels, args.overlay_modality)
-            log.info("%s: %s labels, %d tumour voxels", job.case_id, convention, (labels > 0).sum())
+            paths = (temp_for(job.output), temp_for(job.overlay) if job.overlay else None)
+            if writes:
+                writes[-1].result()  # one case waiting to be written at most
+            writes.append(writer.submit(write_job, args, job, case, replay, labels, header, paths))
             bar.advance(cases_task)
+        for done in writes:
+            done.result()
+    took = time.perf_counter() - start
     for job in jobs:
         print(f"wrote {job.output}" + (f" and {job.overlay}" if job.overlay else ""))
+    return took
+
+
+def throughput(cases: int, seconds: float) -> str:
+    """``N cases in S s (R cases/min, T s/case)``: reading, prediction and writing."""
+    rate = 60 * cases / seconds if seconds > 0 else float("inf")
+    return f"{cases} cases in {seconds:.1f} s ({rate:.1f} cases/min, {seconds / cases:.2f} s/case)"
 
 
 # ---------------------------------------------------------------- command line
@@ -261,6 +354,7 @@ def build_parser() -> Parser:
     add("--overlay-modality", choices=OVERLAY_MODALITIES, default="flair", help="default flair")
     add("--batch-size", type=cli.count(1), default=32, metavar="B", help="slices per pass (32)")
     add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    add("--compile", action="store_true", help="torch.compile the net (GPUs, many cases)")
     add("--trust-checkpoint", action="store_true", help="load objects other than plain data")
     add("--quiet", action="store_true", help="no progress bar")
     add("--benchmark", action="store_true", help="time one demo case; print a Markdown table")
@@ -294,7 +388,7 @@ def model_for(args: argparse.Namespace) -> Iterator[SegModule]:
 
         yield OnnxRunner(args.onnx)
     elif args.checkpoint is not None:
-        yield load_for_inference(args.checkpoint, args.device, args.trust_checkpoint)
+        yield load_for_inference(args.checkpoint, args.device, args.trust_checkpoint, args.compile)
     else:
         from tumorseg.registry import resolve_checkpoint, temp_dir
         from tumorseg.tracking import default_tracking_uri
@@ -302,7 +396,7 @@ def model_for(args: argparse.Namespace) -> Iterator[SegModule]:
         uri = args.tracking_uri or default_tracking_uri()
         with temp_dir() as tmp:
             ckpt = resolve_checkpoint(None, args.run, args.model, uri, Path(tmp))
-            yield load_for_inference(ckpt, args.device, args.trust_checkpoint)
+            yield load_for_inference(ckpt, args.device, args.trust_checkpoint, args.compile)
 
 
 def error(message: str) -> None:
@@ -322,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         jobs = plan(args)
         with model_for(args) as module:
-            segment(args, jobs, module)
+            took = segment(args, jobs, module)
+        if len(jobs) > 1:
+            print(throughput(len(jobs), took))
     except DataError as err:
         error(str(err))
         return 2

@@ -35,6 +35,7 @@ from tumorseg.data.store import (
 from tumorseg.data.transforms import Augment
 from tumorseg.errors import DataError
 from tumorseg.labels import MASK_ORDER
+from tumorseg.timing import phase
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -379,14 +380,13 @@ class BratsDataModule(L.LightningDataModule):
         if self._prepared:
             return
         self._prepared = True
-        from tumorseg.data.prepare import prepare
-
         h = self.hparams
         if h.source == "demo":
             from tumorseg.data.demo import write_demo
 
             # writes only the missing cases, so an interrupted generation resumes
-            write_demo(self.root, h.demo_cases, h.demo_seed, difficulty=h.demo_difficulty)
+            with phase("demo"):
+                write_demo(self.root, h.demo_cases, h.demo_seed, difficulty=h.demo_difficulty)
         if is_complete(self.root):
             return
         if not self.root.is_dir():
@@ -395,6 +395,15 @@ class BratsDataModule(L.LightningDataModule):
         force = is_complete(path) and self._stale(path)
         if is_complete(path) and not force:
             return
+        with phase("prepare"):
+            self._prepare(path, force)
+        self._store = self._manifest = self._split = None
+
+    def _prepare(self, path: Path, force: bool) -> None:
+        """Pack the raw ``root`` into the store at ``path``."""
+        from tumorseg.data.prepare import prepare
+
+        h = self.hparams
         prepare(
             self.root,
             path,
@@ -409,7 +418,6 @@ class BratsDataModule(L.LightningDataModule):
             mask_order=h.mask_order,
             force=force,
         )
-        self._store = self._manifest = self._split = None
 
     @property
     def store(self) -> Store:

@@ -367,6 +367,22 @@ def from_net(logits: torch.Tensor, padded: tuple[int, int], shape: tuple[int, in
     return logits[..., : shape[0], : shape[1]]
 
 
+def preprocessing_from_config(config: dict | None) -> Preprocessing:
+    """The preprocessing of a run config, for checkpoints that predate its recording (BraTS
+    orientation and 1 mm spacing; the crop, resize and slice filter of ``data``)."""
+    data = (config or {}).get("data") or {}
+    crop = data.get("crop")
+    skip = data.get("skip_empty", "brain")
+    skip = {True: "brain", False: "none", None: "none"}.get(skip, skip)
+    return Preprocessing(
+        crop=crop,
+        slice_shape=(crop, crop) if crop else (240, 240),
+        image_size=data.get("image_size"),
+        skip_empty=skip,
+        min_brain_fraction=data.get("min_brain_fraction", 0.02),
+    )
+
+
 # ---------------------------------------------------------------- the training side
 
 
@@ -442,6 +458,11 @@ class NetInput:
     @property
     def slice_shape(self) -> tuple[int, int]:
         return tuple(self.image.shape[-2:])
+
+    @property
+    def identity_back(self) -> bool:
+        """Whether ``back`` returns its input as it is (no crop, no resampling)."""
+        return self.origin is None and tuple(self.resampled) == tuple(self.oriented[:2])
 
     def back(self, probs: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
         """Probabilities ``(N, C, H, W)`` on the net-input slice grid -> the oriented input grid."""
