@@ -106,7 +106,7 @@ def unknown_label(root: Path) -> tuple[Path, str]:
     seg = np.asarray(nib.load(bad).dataobj).copy()
     seg[2, 3, 4] = 3  # BraTS 2020 labels are 0, 1, 2, 4
     _resave(bad, seg)
-    return bad, "3"
+    return bad, "unexpected label value 3 for brats2020 (allowed [0, 1, 2, 4]"
 
 
 def missing_modality(root: Path) -> tuple[Path, str]:
@@ -171,7 +171,8 @@ def test_bad_input_is_one_line_exit_2_no_store(kind, sources, tmp_path, capsys):
     assert prep_cli.main(["--input", str(root), "--output", str(dst), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(f"tumorseg-prepare: error: {bad}: "), err[0]
-    assert problem in err[0], err[0]
+    prefix = f"tumorseg-prepare: error: {bad}: "
+    assert err[0].startswith(prefix), err[0]
+    assert problem in err[0][len(prefix) :], err[0]  # in the problem, not in the path
     assert "Traceback" not in err[0]
     assert not dst.exists()
