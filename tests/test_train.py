@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from tests.conftest import FAST_DEV_RUN, compose_tiny
 from tumorseg.module import load_checkpoint
@@ -83,24 +84,40 @@ def test_run_that_fails_after_fit_is_failed_in_mlflow(tmp_path, demo_root, monke
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+class SpoilLastEpoch(Callback):
+    """Before the last epoch's validation, set the head to predict nothing (weight 0, bias
+    -20): that epoch's validation Dice drops below the earlier epochs', so the last epoch is
+    not the best one."""
+
+    @torch.no_grad()
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == trainer.max_epochs - 1:
+            pl_module.net.head.weight.zero_()
+            pl_module.net.head.bias.fill_(-20.0)
+
+
 def test_run_keeps_the_final_weights(tmp_path, demo_root):
     """The model a run keeps (its MLflow checkpoint, what tumorseg-predict --run loads, the
     test stage's weights) holds the weights after the last epoch, and the score the run
-    returns (a sweep's objective) is that epoch's validation Dice, not the best epoch's."""
+    returns (a sweep's objective) is that epoch's validation Dice, not the best epoch's. The
+    last epoch is made the worst, so keeping the best epoch cannot pass."""
     from mlflow.tracking import MlflowClient
 
     from tumorseg.registry import checkpoint_from_run
 
-    cfg = compose_tiny(tmp_path, demo_root, ["trainer.max_epochs=3", "test=false"])
+    spoil = f"+callbacks.spoil_last_epoch._target_={__name__}.SpoilLastEpoch"
+    cfg = compose_tiny(tmp_path, demo_root, ["trainer.max_epochs=3", "test=false", spoil])
     score = run(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (found,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     history = client.get_metric_history(found.info.run_id, "val/dice_mean")
     values = [m.value for m in sorted(history, key=lambda m: m.step)]
-    assert len(values) == 3 and score == pytest.approx(values[-1])
+    assert len(values) == 3 and values[-1] < max(values[:-1]), values  # last is not the best
+    assert score == pytest.approx(values[-1])
     kept = checkpoint_from_run(found.info.run_id, client.tracking_uri, tmp_path / "download")
     kept = torch.load(kept, weights_only=False)
     last = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=False)
     assert kept["epoch"] == last["epoch"] == 2
+    assert torch.all(kept["state_dict"]["net.head.bias"] == -20.0)  # the spoiled head
     for name, tensor in last["state_dict"].items():
         assert torch.equal(kept["state_dict"][name], tensor), name
