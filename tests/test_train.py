@@ -4,7 +4,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from tests.conftest import FAST_DEV_RUN, compose_tiny
+from tests.conftest import FAST_DEV_RUN, compose_tiny, val_dice_of
 from tumorseg.module import load_checkpoint
 from tumorseg.precision import auto_precision
 from tumorseg.train import run
@@ -45,8 +45,8 @@ def test_compose_tiny_refuses_a_second_debug_choice(tmp_path, demo_root):
 def test_checkpoint_rebuilds_net_from_file_alone(tmp_path, demo_root):
     cfg = compose_tiny(tmp_path, demo_root, ["model=residual_unet", "trainer.max_epochs=1"])
     score = run(cfg)
-    assert 0.0 <= score <= 1.0
     ckpt = next((tmp_path / "out" / "checkpoints").glob("epoch_*.ckpt"))
+    assert score == pytest.approx(val_dice_of(cfg, ckpt), abs=1e-6)  # the kept epoch's
     module = load_checkpoint(ckpt)
     assert type(module.net).__name__ == "ResidualUNet"
     assert module.config["model"]["name"] == "residual_unet"
