@@ -1,5 +1,7 @@
 """Training through the composed Hydra config, in process."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -17,15 +19,76 @@ def assert_tiny(cfg, demo_root) -> None:
     assert cfg.data.root == str(demo_root)
 
 
+class CountBatches(Callback):
+    """Records what the trainer of a run did: batches per stage, loggers, callbacks."""
+
+    seen: ClassVar[dict] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        CountBatches.seen.clear()
+        CountBatches.seen.update(
+            train=0,
+            val=0,
+            accelerator=type(trainer.accelerator).__name__,
+            loggers=len(trainer.loggers),
+            callbacks={type(c).__name__ for c in trainer.callbacks},
+        )
+
+    def on_train_batch_end(self, *args) -> None:
+        CountBatches.seen["train"] += 1
+
+    def on_validation_batch_end(self, *args) -> None:
+        CountBatches.seen["val"] += 1
+
+
+COUNT_BATCHES = f"+callbacks.count_batches._target_={__name__}.CountBatches"
+
+
+def assert_one_batch_nothing_logged(tmp_path) -> None:
+    seen = CountBatches.seen
+    assert (seen["train"], seen["val"]) == (1, 1), seen
+    assert seen["accelerator"] == "CPUAccelerator" and seen["loggers"] == 0, seen
+    assert "LearningRateMonitor" not in seen["callbacks"], seen
+    assert not list(tmp_path.rglob("mlflow.db")) and not list(tmp_path.rglob("*.ckpt"))
+
+
 @pytest.mark.parametrize("variant", ["unet", "attention_unet", "residual_unet"])
 def test_fast_dev_run_each_variant(variant, tmp_path, demo_root):
-    cfg = compose_tiny(tmp_path, demo_root, [f"model={variant}", *FAST_DEV_RUN])
-    assert cfg.trainer.fast_dev_run and cfg.get("logger") is None
+    cfg = compose_tiny(tmp_path, demo_root, [f"model={variant}", *FAST_DEV_RUN, COUNT_BATCHES])
     assert_tiny(cfg, demo_root)
     run(cfg)
+    assert_one_batch_nothing_logged(tmp_path)
     assert sorted(p.name for p in demo_root.iterdir() if not p.name.startswith(".")) == [
         f"BraTS20_Training_00{i}" for i in range(1, 5)
     ]  # no cases added to the shared demo folder
+
+
+def test_debug_default_runs_one_batch_and_logs_nothing(tmp_path, demo_root):
+    """``debug=default`` (conf/debug/default.yaml) on the full train config, shrunk only in
+    size: one train and one val batch on the CPU, no logger, no lr_monitor."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from tumorseg.config import CONF_DIR
+
+    tiny = ["data.demo_cases=4", "data.image_size=64", "data.batch_size=4"]
+    tiny += ["data.val_fraction=0.25", "data.test_fraction=0.25", "data.min_brain_fraction=0.3"]
+    tiny += ["model.net.features=[8,16,32]"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "debug=default",
+                f"data.root={demo_root}",
+                f"paths.root_dir={tmp_path}",
+                *tiny,
+                COUNT_BATCHES,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    run(cfg)
+    assert_one_batch_nothing_logged(tmp_path)
 
 
 def test_labels_mode_and_fp32(tmp_path, demo_root):
