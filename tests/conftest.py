@@ -86,6 +86,29 @@ def compose_tiny(tmp_path: Path, demo_root: Path, overrides: list[str] = ()) -> 
     return cfg
 
 
+def val_dice_of(cfg: DictConfig, ckpt: Path) -> float:
+    """``val/dice_mean`` of checkpoint ``ckpt`` recomputed by a fresh validation pass over the
+    validation batches of ``cfg`` (after ``run(cfg)``, which settles its precision)."""
+    import hydra
+    import lightning as L
+
+    from tumorseg.module import load_checkpoint
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=cfg.trainer.precision,
+        limit_val_batches=cfg.trainer.get("limit_val_batches", 1.0),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    datamodule = hydra.utils.instantiate(cfg.data)
+    (out,) = trainer.validate(load_checkpoint(ckpt), datamodule=datamodule, verbose=False)
+    return out["val/dice_mean"]
+
+
 def run_train(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python train.py ARGS`` from ``cwd`` (outputs, data and mlruns land there)."""
     env = {**os.environ, **ONE_THREAD, "PYTHONWARNINGS": "ignore"}

@@ -1,8 +1,12 @@
 """`python train.py` as a user runs it: multirun, CPU DDP, read from MLflow (kill and resume:
 test_resume.py)."""
 
+import math
 from pathlib import Path
 
+import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -47,18 +51,26 @@ def test_multirun_three_variants_logged_to_mlflow(tmp_path, demo_root):
         assert r.data.params["data.image_size"] == "64"
         assert r.data.tags["data_source"] == "demo" and len(r.data.tags["data_manifest"]) == 16
         assert r.data.tags["git_commit"] and r.data.tags["seed"] == "42"
-        for key in (
-            "val/dice_wt",
-            "val/dice_tc",
-            "val/dice_et",
-            "val/dice_mean",
-            "val/iou_wt",
-            "val/acc_et",
-            "test/dice_mean",
-            "train/loss",
-        ):
-            assert 0.0 <= r.data.metrics[key] <= (1.0 if "loss" not in key else 10.0), key
-        assert len(client.get_metric_history(r.info.run_id, "val/dice_mean")) == 2
+        m = r.data.metrics
+        val_dice = [m[f"val/dice_{region}"] for region in ("wt", "tc", "et")]
+        assert m["val/dice_mean"] == pytest.approx(np.mean(val_dice))
+        # pooled over the same pixels, IoU = Dice / (2 - Dice)
+        assert m["val/iou_wt"] == pytest.approx(m["val/dice_wt"] / (2 - m["val/dice_wt"]))
+        assert 0.0 <= m["val/acc_et"] <= 1.0 and 0.0 < m["train/loss"] < 10.0
+        cases = pd.read_csv(
+            mlflow.artifacts.download_artifacts(
+                run_id=r.info.run_id,
+                artifact_path="evaluation/test_cases.csv",
+                tracking_uri=client.tracking_uri,
+                dst_path=str(tmp_path / "download" / r.info.run_id),
+            )
+        )  # test/dice_mean recomputed from the per-case table: mean over cases, then regions
+        per_region = cases[cases["region"].isin(["wt", "tc", "et"])].groupby("region")["dice"]
+        assert m["test/dice_mean"] == pytest.approx(per_region.mean().mean())
+        history = client.get_metric_history(r.info.run_id, "val/dice_mean")
+        first, *measured = sorted(history, key=lambda h: (h.step, h.timestamp))
+        assert first.step == 0 and math.isnan(first.value)  # a multirun declares it first
+        assert [h.value for h in measured if math.isnan(h.value)] == [] and len(measured) == 2
         files = artifact_paths(client, r.info.run_id)
         assert {"config.yaml", "data_manifest.json", "val_preview.png"} <= files
         assert {"evaluation/test_cases.csv", "evaluation/test_cases_summary.csv"} <= files

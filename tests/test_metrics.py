@@ -48,10 +48,14 @@ def test_empty_mask_rules():
 
 def test_disjoint_and_pooled_over_batches():
     m = RegionMetrics()
-    m.update(masks([1, 1, 0, 0], [0] * 4, [0] * 4), masks([0, 0, 1, 1], [0] * 4, [0] * 4))
-    m.update(masks([1, 1, 0, 0], [0] * 4, [0] * 4), masks([1, 1, 0, 0], [0] * 4, [0] * 4))
-    # pooled: tp 2, fp 2, fn 2 -> Dice 4/8 (not the mean of per-batch 0 and 1 by chance only)
-    assert m.compute()["dice_wt"].item() == pytest.approx(0.5)
+    # batch 1 (4 pixels): pred 1100, truth 1000 -> tp 1, fp 1, fn 0: Dice 2/3 on its own
+    m.update(masks([1, 1, 0, 0], [0] * 4, [0] * 4), masks([1, 0, 0, 0], [0] * 4, [0] * 4))
+    # batch 2 (8 pixels): perfect, tp 4 -> Dice 1 on its own
+    wt = [1, 1, 1, 1, 0, 0, 0, 0]
+    m.update(masks(wt, [0] * 8, [0] * 8), masks(wt, [0] * 8, [0] * 8))
+    # pooled: tp 5, fp 1, fn 0 -> Dice 10/11; the mean of per-batch values would be 5/6
+    assert m.compute()["dice_wt"].item() == pytest.approx(10 / 11)
+    assert m.compute()["dice_wt"].item() != pytest.approx((2 / 3 + 1) / 2)
     m.reset()
     m.update(masks([1, 1, 0, 0], [0] * 4, [0] * 4), masks([0, 0, 1, 1], [0] * 4, [0] * 4))
     assert m.compute()["dice_wt"].item() == 0.0

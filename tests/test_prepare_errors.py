@@ -4,7 +4,10 @@ store."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import pytest
 
 from tests import fixtures as fx
 from tumorseg.cli import prepare as prep_cli
+
+SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's package, not another one
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +111,7 @@ def unknown_label(root: Path) -> tuple[Path, str]:
     seg = np.asarray(nib.load(bad).dataobj).copy()
     seg[2, 3, 4] = 3  # BraTS 2020 labels are 0, 1, 2, 4
     _resave(bad, seg)
-    return bad, "3"
+    return bad, "unexpected label value 3 for brats2020 (allowed [0, 1, 2, 4]"
 
 
 def missing_modality(root: Path) -> tuple[Path, str]:
@@ -171,7 +176,53 @@ def test_bad_input_is_one_line_exit_2_no_store(kind, sources, tmp_path, capsys):
     assert prep_cli.main(["--input", str(root), "--output", str(dst), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith(f"tumorseg-prepare: error: {bad}: "), err[0]
-    assert problem in err[0], err[0]
+    prefix = f"tumorseg-prepare: error: {bad}: "
+    assert err[0].startswith(prefix), err[0]
+    assert problem in err[0][len(prefix) :], err[0]  # in the problem, not in the path
     assert "Traceback" not in err[0]
     assert not dst.exists()
+
+
+def prepare_command() -> list[str]:
+    """The installed ``tumorseg-prepare`` console script (beside this interpreter, else on
+    PATH); ``python -m tumorseg.cli.prepare`` only where it is not installed."""
+    script = shutil.which("tumorseg-prepare", path=str(Path(sys.executable).parent))
+    script = script or shutil.which("tumorseg-prepare")
+    return [script] if script else [sys.executable, "-m", "tumorseg.cli.prepare"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "bad_case"),
+    [("unknown label value", "BraTS20_Training_002"), ("truncated .h5", "volume_002")],
+)
+def test_console_script_with_two_workers_on_bad_input(kind, bad_case, sources, tmp_path):
+    """As a user runs it: the console script in a process of its own, cases converted by two
+    worker processes; the worker's error still comes back as one line, exit 2, no store, and
+    in ``store.partial`` (kept for a rerun) only whole cases, none of the bad one."""
+    name, breaker = KINDS[kind]
+    root = tmp_path / name
+    shutil.copytree(sources / name, root)
+    bad, problem = breaker(root)
+    dst = tmp_path / "store"
+    argv = ["--input", str(root), "--output", str(dst), "--workers", "2", "--quiet"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    res = subprocess.run(
+        [*prepare_command(), *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert res.returncode == 2, res.stderr
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1, res.stderr
+    prefix = f"tumorseg-prepare: error: {bad}: "
+    assert err[0].startswith(prefix) and problem in err[0][len(prefix) :], err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "store.partial"])
+    files = sorted(p.name for p in (tmp_path / "store.partial" / "cases").iterdir())
+    done = {f.split(".")[0] for f in files}
+    assert bad_case not in done, files
+    whole = [f"{c}.{part}" for c in sorted(done) for part in CASE_FILES]
+    assert files == whole  # nothing half-written
+
+
+CASE_FILES = ("images.npy", "json", "labels.npy", "slices.npy")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from mlflow.tracking import MlflowClient
+from omegaconf import open_dict
 
-from tests.conftest import ROOT, run_train
+from tests.conftest import ROOT, compose_tiny, run_train
+from tumorseg.train import run
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +95,70 @@ def test_kill_in_a_later_epoch_and_resume(tmp_path, demo_root):
     assert [epoch_at[s] for s in steps] == list(range(EPOCHS)), (steps, epoch_at)
     assert len({b - a for a, b in zip(steps, steps[1:], strict=False)}) == 1, steps  # no gap
     assert completed_epoch(last) == EPOCHS - 1  # last.ckpt kept up to date
+
+
+class ResumeProbe(Callback):
+    """Stops a fresh run after epoch ``stop_after``; in a resumed run, records the optimizer's
+    and scheduler's state as fit starts (after Lightning restored the checkpoint)."""
+
+    seen: ClassVar[dict] = {}
+
+    def __init__(self, stop_after: int) -> None:
+        self.stop_after = stop_after
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.ckpt_path:
+            (optimizer,) = trainer.optimizers
+            (config,) = trainer.lr_scheduler_configs
+            ResumeProbe.seen.update(
+                optimizer=copy.deepcopy(optimizer.state_dict()),
+                scheduler=copy.deepcopy(config.scheduler.state_dict()),
+                lr=optimizer.param_groups[0]["lr"],
+                epoch=trainer.current_epoch,
+            )
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.ckpt_path and trainer.current_epoch == self.stop_after:
+            trainer.should_stop = True
+
+
+def test_resume_continues_optimizer_and_scheduler(tmp_path, demo_root):
+    """A resumed run goes on with the checkpoint's AdamW moments and step count and the cosine
+    schedule's position and learning rate, not with a fresh optimizer and schedule."""
+    ResumeProbe.seen.clear()
+    probe = f"+callbacks.resume_probe._target_={__name__}.ResumeProbe"
+    cfg = compose_tiny(
+        tmp_path,
+        demo_root,
+        [
+            "trainer.max_epochs=4",
+            "~logger",
+            "callbacks.lr_monitor=null",
+            "test=false",
+            probe,
+            "+callbacks.resume_probe.stop_after=1",
+        ],
+    )
+    run(cfg)  # stops after epoch 1 of 4
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 1
+    (opt_ckpt,), (sched_ckpt,) = ckpt["optimizer_states"], ckpt["lr_schedulers"]
+    assert sched_ckpt["last_epoch"] == 2  # stepped after epochs 0 and 1
+    lr0 = cfg.model.optimizer.lr
+    assert sched_ckpt["_last_lr"][0] < lr0
+
+    with open_dict(cfg):
+        cfg.ckpt_path = str(last)
+    run(cfg)
+    seen = ResumeProbe.seen
+    assert seen["epoch"] == 2
+    state = seen["optimizer"]["state"]
+    assert sorted(state) == sorted(opt_ckpt["state"]) and state
+    for i, kept in opt_ckpt["state"].items():
+        assert float(state[i]["step"]) == float(kept["step"]) > 0, i
+        assert torch.equal(state[i]["exp_avg"], kept["exp_avg"]), i
+        assert torch.equal(state[i]["exp_avg_sq"], kept["exp_avg_sq"]), i
+    assert seen["scheduler"]["last_epoch"] == sched_ckpt["last_epoch"] == 2
+    assert seen["lr"] == pytest.approx(sched_ckpt["_last_lr"][0])
+    assert seen["lr"] != pytest.approx(lr0)  # not the schedule's start

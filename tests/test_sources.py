@@ -3,7 +3,7 @@
 import pytest
 
 from tests import fixtures
-from tests.conftest import compose_tiny
+from tests.conftest import compose_tiny, val_dice_of
 from tumorseg.train import run
 
 SOURCES = {
@@ -33,6 +33,7 @@ def test_train_on_each_source(source, tmp_path, demo_root):
         ],
     )
     score = run(cfg)
-    assert score is not None and 0.0 <= score <= 1.0
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"  # one epoch: the kept weights
+    assert score == pytest.approx(val_dice_of(cfg, last), abs=1e-6)
     stores = list((tmp_path / "data" / "cache").glob(f"{raw.name}-*/manifest.json"))
     assert len(stores) == 1  # prepared once into the cache
