@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tumorseg.comparison import MIN_PAIRS, markdown_table, run_cases, write_files
+from tumorseg.comparison import markdown_table, paired_test, run_cases, write_files
 from tumorseg.errors import DataError
+from tumorseg.scoring import RESAMPLES, SEED, bootstrap_ci
 from tumorseg.sweep import best_summary, pareto_table, study_plots, within_noise
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP, SEED = 2000, 0
+
 STUDY_FILES = (
     "study.md",
     "trials.csv",
@@ -157,11 +158,9 @@ def trial_table(study: optuna.Study, cases: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_difference(
-    cases: pd.DataFrame, best: int, base: int, resamples: int = BOOTSTRAP, seed: int = SEED
+    cases: pd.DataFrame, best: int, base: int, resamples: int = RESAMPLES, seed: int = SEED
 ) -> dict[str, Any]:
     """Best − baseline mean case Dice on the test cases both were scored on."""
-    from scipy.stats import wilcoxon
-
     wide = cases.pivot(index="case_id", columns="trial", values="dice")
     out: dict[str, Any] = {"best_trial": best, "baseline_trial": base, "n_cases": 0}
     if best not in wide or base not in wide:
@@ -182,17 +181,12 @@ def paired_difference(
         "better": int((diff > 0).sum()),
         "worse": int((diff < 0).sum()),
     }
-    out.setdefault("note", "")
     if n >= 2:
-        picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-        low, high = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
-        out |= {"ci_low": float(low), "ci_high": float(high)}
-    if n < MIN_PAIRS:
-        out["note"] = out["note"] or f"fewer than {MIN_PAIRS} paired cases: no p-value"
-    elif not np.any(diff):
-        out["note"] = out["note"] or "all differences zero"
-    else:
-        out["p_value"] = float(wilcoxon(pair["best"], pair["baseline"]).pvalue)
+        out["ci_low"], out["ci_high"] = bootstrap_ci(diff, resamples, seed)
+    test = paired_test(pair["baseline"], pair["best"])  # Wilcoxon, as tumorseg-report's
+    if "p_value" in test and np.isfinite(test["p_value"]):
+        out["p_value"] = test["p_value"]
+    out["note"] = out.get("note") or test["note"]
     return out
 
 
