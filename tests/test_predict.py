@@ -15,20 +15,19 @@ from scipy import ndimage
 
 from tests.conftest import compose_tiny
 from tumorseg.bench.inference import predict_case_naive
+from tumorseg.bench.pipeline import predict_case_before
 from tumorseg.cli.evaluate import main as evaluate_main
 from tumorseg.cli.predict import main
 from tumorseg.data.nifti import MODALITIES, Case, read_case
-from tumorseg.data.preprocess import NetInput
 from tumorseg.inference import (
     ET,
     NCR,
-    autocast_dtype,
     load_for_inference,
     predict_case,
     remove_small_et,
     slice_probs,
 )
-from tumorseg.labels import CONVENTIONS, from_canonical, target, to_canonical
+from tumorseg.labels import CONVENTIONS, from_canonical, to_canonical
 from tumorseg.overlay import overlay_figure, panels
 from tumorseg.train import run
 
@@ -204,23 +203,6 @@ def test_folder_of_cases_then_evaluate(
     pngs = sorted(p.name for p in overlays.iterdir())
     assert pngs == [f"{c}.png" for c in cases]
     assert (overlays / pngs[0]).read_bytes()[:4] == b"\x89PNG"
-
-
-def predict_case_before(module, case: Case, batch_size: int = 32) -> np.ndarray:
-    """The batched path as it was before the pipeline: every batch through ``slice_probs``
-    (sigmoid probabilities), mapped back, then decided."""
-    replay = NetInput.of(case.image, case.affine, module.preprocessing, case.case_id)
-    goal = target(module.hparams.target)
-    dtype = autocast_dtype(module.device)
-    labels = np.zeros(replay.oriented, dtype=np.uint8)
-    with torch.inference_mode():
-        for start in range(0, len(replay.keep), batch_size):
-            x = replay.image[start : start + batch_size]
-            probs = replay.back(slice_probs(module, x, False, dtype), goal.background())
-            labels[:, :, replay.keep[start : start + batch_size]] = (
-                goal.decide(probs).permute(1, 2, 0).numpy()
-            )
-    return replay.undo(labels)
 
 
 # The fast path decides regions on the logits' sign (float32's sigmoid rounds logits under
