@@ -335,3 +335,19 @@ def test_a_study_of_two_objectives_on_the_tiny_config(tmp_path, demo_root):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "trial" not in line]
     assert sorted(int(r.split("|")[1]) for r in rows) == sorted(t.number for t in study.best_trials)
     assert (out / "pareto_front.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_tie_for_best_still_names_one_best_trial(tmp_path):
+    """Two trials tie at the best value: the parent run still gets ``best_trial`` (Optuna's
+    first best), which ``tumorseg-register --study`` reads."""
+    from tumorseg.sweep import StudyRuns
+
+    study = optuna.create_study(direction="maximize")
+    for value in (0.7, 0.9, 0.9):
+        study.enqueue_trial({"x": value})
+        study.optimize(lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=1)
+    cfg = {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment_name": "ties"}
+    runs = StudyRuns.open(cfg, study.study_name, "memory")
+    runs.summarize(study)
+    tags = runs.client.get_run(runs.parent_id).data.tags
+    assert tags["best_trials"] == "1,2" and tags["best_trial"] == "1"

@@ -338,11 +338,11 @@ class StudyRuns:
         if summary:
             best = summary["best_trials"]
             self.client.set_tag(parent, "best_trials", ",".join(str(t["number"]) for t in best))
-            if len(best) == 1:
-                self.client.log_metric(parent, "best_value", best[0]["values"][0], step=step)
-                self.client.log_metric(parent, "best_trial", best[0]["number"], step=step)
-                self.client.set_tag(parent, "best_trial", str(best[0]["number"]))
-                for name, value in best[0]["params"].items():  # params cannot change: tags can
+            if len(directions) == 1:  # ties share the front; Optuna's best trial is the first
+                self.client.log_metric(parent, "best_value", summary["value"], step=step)
+                self.client.log_metric(parent, "best_trial", summary["number"], step=step)
+                self.client.set_tag(parent, "best_trial", str(summary["number"]))
+                for name, value in summary["params"].items():  # params cannot change: tags can
                     self.client.set_tag(parent, f"best.{mlflow_key(name)}", str(value))
             if "within_noise" in summary:
                 noise = ",".join(str(t["number"]) for t in summary["within_noise"])
