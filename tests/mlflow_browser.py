@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tumorseg import tracking
+from tumorseg.tracking import client as tracking
 
 FLAGS = (
     "--headless",

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from tests.conftest import compose_tiny
-from tumorseg.losses import RegionLoss
 from tumorseg.models import UNet
-from tumorseg.module import (
+from tumorseg.train import run
+from tumorseg.training.losses import RegionLoss
+from tumorseg.training.module import (
     COMPILE_MIN_STEPS_CPU,
     compile_choice,
     load_checkpoint,
     should_compile,
 )
-from tumorseg.train import run
 
 # Inductor fuses and reorders fp32 reductions (batch norm statistics, the loss's sums): the
 # loss may differ from eager in the last bits, not more than this (relative).

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from tests import fixtures as fx
+from tumorseg.data.case import DataError, read_case
 from tumorseg.data.datamodule import BratsDataModule, split_cases
-from tumorseg.data.nifti import DataError, read_case
 from tumorseg.data.preprocess import zscore
 from tumorseg.data.store import is_complete
 

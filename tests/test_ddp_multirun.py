@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.multirun import DDP, fail_in_rank, mlflow_runs, multirun, optuna_storage, optuna_sweep
-from tumorseg.launch import starts_children
+from tumorseg.sweep.launch import starts_children
 
 
 def test_which_trainers_start_ranks_by_rerunning_the_command_line():

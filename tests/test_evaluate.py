@@ -14,8 +14,15 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from tumorseg.cli.evaluate import main
-from tumorseg.lesions import REPORTED_INF
-from tumorseg.scoring import BASE_METRICS, EMPTY_HD95, METRICS, case_metrics, hd95, summarise
+from tumorseg.evaluation.cases import (
+    BASE_METRICS,
+    EMPTY_HD95,
+    METRICS,
+    case_metrics,
+    hd95,
+    summarise,
+)
+from tumorseg.evaluation.lesions import REPORTED_INF
 
 # seaborn 0.13 passes matplotlib 3.11's deprecated ``vert`` to boxplot
 pytestmark = pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
@@ -383,8 +390,8 @@ def test_test_stage_tags_its_run_with_the_hd95_convention(tmp_path, monkeypatch)
     """The training test stage names the convention of its HD95 metrics on the run."""
     from mlflow import MlflowClient
 
-    from tumorseg import case_eval
-    from tumorseg.scoring import case_table, lesion_table, scored_rows
+    from tumorseg.evaluation import test_stage as case_eval
+    from tumorseg.evaluation.cases import case_table, lesion_table, scored_rows
 
     def scored(module, cases, normalised, predictions, hd95="pooled", **_):
         rows, lesions = scored_rows("a", tumour(1), tumour(), SPACING, hd95)
@@ -596,8 +603,8 @@ class _Module:
 def test_test_stage_logs_netc_and_snfh_and_averages_wt_tc_et(monkeypatch):
     """The training test stage scores canonical labels: NETC and SNFH reach the MLflow means
     (there is no cavity label), and ``*_mean`` stays the mean of WT, TC and ET."""
-    from tumorseg import case_eval
-    from tumorseg.data.nifti import Case
+    from tumorseg.data.case import Case
+    from tumorseg.evaluation import test_stage as case_eval
 
     monkeypatch.setattr(case_eval, "predict_case", lambda module, case, **kwargs: tumour(1))
     image = np.zeros((4, *SHAPE), np.float32)
@@ -627,7 +634,7 @@ def test_test_stage_logs_netc_and_snfh_and_averages_wt_tc_et(monkeypatch):
 def test_cli_overlays_show_the_flair_of_every_layout(tmp_path, layout, monkeypatch):
     """The FLAIR is found as tumorseg-prepare finds it: ``_flair``, ``-t2f``, the MSD image's
     FLAIR channel (``dataset.json`` order); the overlay is drawn on it."""
-    from tumorseg import overlay
+    from tumorseg.inference import overlay
 
     drawn = {}
     draw = overlay.overlay_figure

@@ -20,8 +20,8 @@ from tumorseg.cli.export import main as export_main
 from tumorseg.cli.predict import main as predict_main
 from tumorseg.data.preprocess import NetInput
 from tumorseg.data.readers import list_cases
-from tumorseg.export import ONNX_TOLERANCE, OnnxRunner, read_torchscript_metadata
-from tumorseg.inference import load_for_inference, predict_case, slice_probs
+from tumorseg.inference.export import ONNX_TOLERANCE, OnnxRunner, read_torchscript_metadata
+from tumorseg.inference.predict import load_for_inference, predict_case, slice_probs
 from tumorseg.train import run
 
 

@@ -21,10 +21,10 @@ from scipy import ndimage
 
 from tests.conftest import compose_tiny
 from tumorseg.cli.predict import main as predict_main
-from tumorseg.data.nifti import MODALITIES, Case, read_case
+from tumorseg.data.case import MODALITIES, Case, read_case
 from tumorseg.data.preprocess import NetInput, Preprocessing, net_shape
 from tumorseg.data.transforms import Augment
-from tumorseg.inference import load_for_inference, predict_case
+from tumorseg.inference.predict import load_for_inference, predict_case
 from tumorseg.train import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:vert. bool was deprecated")
@@ -138,7 +138,7 @@ def test_predict_replays_the_training_crop(trained, module, demo_root, tmp_path)
 
     from tumorseg.data.preprocess import zscore
     from tumorseg.data.store import open_store
-    from tumorseg.inference import autocast_dtype
+    from tumorseg.inference.predict import autocast_dtype
 
     store = open_store(instantiate(trained["cfg"].data).store_path())
     info = {c["id"]: c for c in store.manifest["cases"]}

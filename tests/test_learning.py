@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from tests.conftest import compose_tiny
-from tumorseg.data.nifti import read_case
-from tumorseg.inference import load_for_inference, predict_case
-from tumorseg.precision import auto_precision
+from tumorseg.data.case import read_case
+from tumorseg.inference.predict import load_for_inference, predict_case
+from tumorseg.training.precision import auto_precision
 
 EPOCHS = 6
 WT_FLOOR = 0.5  # pooled validation WT Dice; all-background scores 0, untrained nets ~0.05

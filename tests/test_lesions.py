@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from scipy.spatial import cKDTree
 
-from tumorseg import lesions
-from tumorseg.labels import CONVENTIONS
-from tumorseg.labels import REGIONS as CANONICAL_REGIONS
-from tumorseg.lesions import REGIONS, score_case, score_region, surface
+from tumorseg.core.labels import CONVENTIONS
+from tumorseg.core.labels import REGIONS as CANONICAL_REGIONS
+from tumorseg.evaluation import lesions
+from tumorseg.evaluation.lesions import REGIONS, score_case, score_region, surface
 
 DATA = Path(__file__).parent / "data" / "brats_parity"
 REFERENCE = json.loads((DATA / "reference.json").read_text())
@@ -316,7 +316,7 @@ def test_evaluate_cli_refuses_a_negative_tolerance(tmp_path, capsys):
 
 
 def test_case_means_name_the_lesion_wise_metrics_for_mlflow():
-    from tumorseg.scoring import case_means, case_table, scored_rows
+    from tumorseg.evaluation.cases import case_means, case_table, scored_rows
 
     pred, ref, spacing = load("BraTS-GLI-00002-000")  # BraTS 2023 labels = canonical 1/2/3
     for hd95, suffix in (("pooled", ""), ("max", "_max")):

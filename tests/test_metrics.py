@@ -2,15 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from tumorseg.labels import (
+from tumorseg.core.labels import (
     LabelError,
     from_canonical,
     labels_from_regions,
     regions_from_labels,
     to_canonical,
 )
-from tumorseg.losses import LabelLoss, RegionLoss
-from tumorseg.metrics import RegionMetrics
+from tumorseg.training.losses import LabelLoss, RegionLoss
+from tumorseg.training.scores import RegionMetrics
 
 
 def scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

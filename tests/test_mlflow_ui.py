@@ -25,7 +25,7 @@ import pytest
 
 from tests import mlflow_browser
 from tests.conftest import ROOT, run_train
-from tumorseg import tracking
+from tumorseg.tracking import client as tracking
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from tests.conftest import compose_tiny
-from tumorseg.case_eval import validation_scores
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import REGIONS
 from tumorseg.data.datamodule import split_cases
 from tumorseg.data.readers import list_cases
-from tumorseg.errors import DataError
-from tumorseg.inference import load_for_inference, predict_case
-from tumorseg.labels import REGIONS
-from tumorseg.objective import Score, fold_mean
+from tumorseg.evaluation.test_stage import validation_scores
+from tumorseg.inference.predict import load_for_inference, predict_case
+from tumorseg.sweep.objective import Score, fold_mean
 from tumorseg.train import run
 
 # two validation patients out of the four demo cases, one training and one test patient

@@ -1,4 +1,5 @@
-"""`tumorseg.predict` and `tumorseg.overlay`: inputs, geometry, conventions, TTA, errors."""
+"""`tumorseg-predict` and `tumorseg.inference.overlay`: inputs, geometry, conventions, TTA,
+errors."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from tumorseg.bench.inference import predict_case_naive
 from tumorseg.bench.pipeline import predict_case_before
 from tumorseg.cli.evaluate import main as evaluate_main
 from tumorseg.cli.predict import main
-from tumorseg.data.nifti import MODALITIES, Case, read_case
-from tumorseg.inference import (
+from tumorseg.core.labels import CONVENTIONS, from_canonical, to_canonical
+from tumorseg.data.case import MODALITIES, Case, read_case
+from tumorseg.inference.overlay import overlay_figure, panels
+from tumorseg.inference.predict import (
     ET,
     NCR,
     load_for_inference,
@@ -27,8 +30,6 @@ from tumorseg.inference import (
     remove_small_et,
     slice_probs,
 )
-from tumorseg.labels import CONVENTIONS, from_canonical, to_canonical
-from tumorseg.overlay import overlay_figure, panels
 from tumorseg.train import run
 
 # seaborn 0.13 passes matplotlib 3.11's deprecated ``vert`` to boxplot (evaluate's box plot)
@@ -176,7 +177,7 @@ def test_folder_of_cases_then_evaluate(
 ):
     """A folder, with reader and writer threads or in turn: each output equals the case
     predicted alone, and the command reports its throughput."""
-    monkeypatch.setattr("tumorseg.cli.predict.spare_cores", lambda module: threads)
+    monkeypatch.setattr("tumorseg.inference.folder.spare_cores", lambda module: threads)
     root = tmp_path / "cases"  # two of the demo cases
     cases = sorted(p.name for p in demo_root.iterdir() if p.is_dir())[:2]
     for cid in cases:
@@ -214,7 +215,7 @@ FAST_PATH_TOLERANCE = 1e-4
 def test_fast_path_gives_the_labels_of_the_lightning_module(ckpt, module, demo_root, batch_size):
     """Today's path (the LightningModule from the checkpoint, probabilities) and the fast one
     (``Predictor``, logits, any batch size) label the demo cases alike."""
-    from tumorseg.module import load_checkpoint
+    from tumorseg.training.module import load_checkpoint
 
     lightning = load_checkpoint(ckpt).eval()
     lightning.net.to(memory_format=torch.channels_last)

@@ -16,10 +16,10 @@ import pytest
 
 from tests import fixtures as fx
 from tumorseg.cli import channels
-from tumorseg.data.nifti import MODALITIES, find_cases, read_case
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import REGIONS, from_canonical, from_one_hot, to_canonical
+from tumorseg.data.case import MODALITIES, find_cases, read_case
 from tumorseg.data.readers import BRATS_AFFINE, detect_format, list_cases, read_any
-from tumorseg.errors import DataError
-from tumorseg.labels import REGIONS, from_canonical, from_one_hot, to_canonical
 
 # Raw label values of each region under each source's own convention (written out by hand).
 RAW_REGIONS = {

@@ -24,12 +24,12 @@ from packaging.version import Version
 from tests.conftest import compose_tiny
 from tumorseg.cli.predict import main as predict_main
 from tumorseg.cli.register import main as register_main
-from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import to_canonical
+from tumorseg.data.case import MODALITIES, Case
 from tumorseg.data.readers import BRATS_AFFINE, list_cases
-from tumorseg.errors import DataError
-from tumorseg.inference import load_for_inference, predict_case
-from tumorseg.labels import to_canonical
-from tumorseg.registry import pin, pinned_requirements, using
+from tumorseg.inference.predict import load_for_inference, predict_case
+from tumorseg.tracking.registry import pin, pinned_requirements, using
 from tumorseg.train import run
 
 NAME = "tumorseg-test"

@@ -14,8 +14,8 @@ from mlflow.entities import Metric
 from scipy.stats import wilcoxon
 
 from tests.conftest import run_train
-from tumorseg import comparison as report
 from tumorseg.cli.report import main
+from tumorseg.report import compare as report
 
 CASES = [f"case_{i}" for i in range(1, 9)]
 # per-case Dice of unet, averaged over its two runs (run 1: x - 0.01, run 2: x + 0.01)
@@ -274,7 +274,7 @@ def test_case_csv_without_dice_is_unusable(tmp_path):
 def test_case_csv_with_every_region_keeps_wt_tc_et(tmp_path):
     """``tumorseg-evaluate`` and the test stage also write NETC, SNFH and (BraTS 2024) RC rows;
     the report compares variants on WT, TC and ET and leaves those rows out."""
-    from tumorseg.scoring import case_table, scored_rows
+    from tumorseg.evaluation.cases import case_table, scored_rows
 
     ref = np.zeros((12, 12, 12), np.uint8)
     ref[2:8, 2:8, 2:8], ref[3:6, 3:6, 3:6], ref[4, 4, 4] = 2, 1, 3

@@ -13,7 +13,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from hydra_plugins.tumorseg_optuna_sweeper.sweeper import OptunaSweeper
-from tumorseg.sweep import open_storage
+from tumorseg.sweep.runs import open_storage
 
 SPACE = {"x": FloatDistribution(0, 1)}
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")

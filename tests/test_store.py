@@ -15,6 +15,8 @@ import torch
 
 from tests import fixtures as fx
 from tumorseg.cli import prepare as prep_cli
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import REGIONS
 from tumorseg.data import prepare as prep
 from tumorseg.data import preprocess
 from tumorseg.data.datamodule import (
@@ -27,8 +29,6 @@ from tumorseg.data.preprocess import zscore
 from tumorseg.data.readers import list_cases
 from tumorseg.data.store import is_complete, open_store, partial_path, verify_store
 from tumorseg.data.transforms import Augment
-from tumorseg.errors import DataError
-from tumorseg.labels import REGIONS
 
 BRATS_IDS = (1, 2, 3, 4, 5, 6)
 # raw label values of each region, per source convention

@@ -12,8 +12,8 @@ from scipy.stats import spearmanr
 
 from tests.multirun import mlflow_runs, optuna_storage, optuna_sweep, tracking_uri
 from tumorseg.cli.report import main as report_main
-from tumorseg.comparison import run_cases
-from tumorseg.study_report import paired_difference, rank_agreement
+from tumorseg.report.compare import run_cases
+from tumorseg.report.study import paired_difference, rank_agreement
 
 
 def cases_of(per_trial: dict[int, list[float]]) -> pd.DataFrame:

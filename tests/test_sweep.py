@@ -22,7 +22,7 @@ from hydra_plugins.tumorseg_optuna_sweeper.sweeper import (
     search_space,
 )
 from tests.conftest import ROOT, run_train
-from tumorseg.sweep import LIVE_TRIALS, OptunaPruning
+from tumorseg.sweep.runs import LIVE_TRIALS, OptunaPruning
 
 TINY = ["debug=tiny", "test=false"]
 

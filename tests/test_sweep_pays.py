@@ -28,9 +28,9 @@ from hydra_plugins.tumorseg_optuna_sweeper.sweeper import (
 )
 from tests.conftest import ONE_THREAD, ROOT
 from tests.multirun import mlflow_runs, optuna_storage, optuna_sweep
-from tumorseg.errors import DataError
-from tumorseg.objective import Score
-from tumorseg.registry import study_best_run
+from tumorseg.core.errors import DataError
+from tumorseg.sweep.objective import Score
+from tumorseg.tracking.registry import study_best_run
 
 APP = ROOT / "tests" / "sweep_app" / "app.py"
 needs_submitit = pytest.mark.skipif(
@@ -340,7 +340,7 @@ def test_a_study_of_two_objectives_on_the_tiny_config(tmp_path, demo_root):
 def test_a_tie_for_best_still_names_one_best_trial(tmp_path):
     """Two trials tie at the best value: the parent run still gets ``best_trial`` (Optuna's
     first best), which ``tumorseg-register --study`` reads."""
-    from tumorseg.sweep import StudyRuns
+    from tumorseg.sweep.runs import StudyRuns
 
     study = optuna.create_study(direction="maximize")
     for value in (0.7, 0.9, 0.9):

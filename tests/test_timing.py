@@ -6,8 +6,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import compose_tiny
-from tumorseg import timing
-from tumorseg.tracking import local_store_uri
+from tumorseg.core import timing
+from tumorseg.tracking.client import local_store_uri
 from tumorseg.train import run
 
 # A run's phases add up to its total by construction (``other`` is the rest); the total itself

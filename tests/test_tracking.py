@@ -16,10 +16,10 @@ from mlflow import MlflowClient
 from mlflow.tracking._tracking_service.utils import _get_default_tracking_uri
 
 from tests.conftest import compose_tiny
-from tumorseg import tracking
-from tumorseg.callbacks import SystemMetrics
-from tumorseg.console import quiet
+from tumorseg.core.console import quiet
 from tumorseg.data import demo
+from tumorseg.tracking import client as tracking
+from tumorseg.tracking.callbacks import SystemMetrics
 
 
 def sqlite_file(uri: str) -> Path:
@@ -172,7 +172,7 @@ def test_system_metrics_reach_the_run_and_switch_off(tmp_path, no_env):
 
     # the switch: the default config has the callback; `callbacks.system_metrics=null` drops it
     cfg = compose_tiny(tmp_path, tmp_path, [])
-    assert cfg.callbacks.system_metrics._target_ == "tumorseg.callbacks.SystemMetrics"
+    assert cfg.callbacks.system_metrics._target_ == "tumorseg.tracking.callbacks.SystemMetrics"
     off = compose_tiny(tmp_path, tmp_path, ["callbacks.system_metrics=null"])
     built = [hydra.utils.instantiate(c) for c in off.callbacks.values() if c]  # as train.py
     assert built and not any(isinstance(c, SystemMetrics) for c in built)

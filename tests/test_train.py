@@ -7,9 +7,9 @@ import torch
 from lightning.pytorch import Callback
 
 from tests.conftest import FAST_DEV_RUN, compose_tiny, val_dice_of
-from tumorseg.module import load_checkpoint
-from tumorseg.precision import auto_precision
 from tumorseg.train import run
+from tumorseg.training.module import load_checkpoint
+from tumorseg.training.precision import auto_precision
 
 
 def assert_tiny(cfg, demo_root) -> None:
@@ -122,9 +122,9 @@ def test_checkpoint_rebuilds_net_from_file_alone(tmp_path, demo_root):
 
 
 def test_auto_precision_picks_bf16_on_bf16_cpu(monkeypatch):
-    monkeypatch.setattr("tumorseg.precision.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("tumorseg.training.precision.cpu_has_bf16", lambda: True)
     assert auto_precision("cpu") == "bf16-mixed"
-    monkeypatch.setattr("tumorseg.precision.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("tumorseg.training.precision.cpu_has_bf16", lambda: False)
     assert auto_precision("cpu") == "32-true"
 
 
@@ -166,7 +166,7 @@ def test_run_keeps_the_final_weights(tmp_path, demo_root):
     last epoch is made the worst, so keeping the best epoch cannot pass."""
     from mlflow.tracking import MlflowClient
 
-    from tumorseg.registry import checkpoint_from_run
+    from tumorseg.tracking.registry import checkpoint_from_run
 
     spoil = f"+callbacks.spoil_last_epoch._target_={__name__}.SpoilLastEpoch"
     cfg = compose_tiny(tmp_path, demo_root, ["trainer.max_epochs=3", "test=false", spoil])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tumorseg.module import out_channels
-from tumorseg.tracking import project_root
+from tumorseg.tracking.client import project_root
+from tumorseg.training.module import out_channels
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 

@@ -60,7 +60,7 @@ class OptunaSweeperConf:
     pruner: Any = None
     monitor: str = "val/dice_mean"  # metric the pruning callback reports each epoch
     # added to every job as ++<callback_key>={_target_: <callback>, ...}; null: no pruning
-    callback: str | None = "tumorseg.sweep.OptunaPruning"
+    callback: str | None = "tumorseg.sweep.runs.OptunaPruning"
     callback_key: str = "callbacks.optuna_pruning"
     tags_key: str | None = "tags"  # job config dict of MLflow tags; gets optuna_study/trial
     mlflow: bool = True  # parent run per study, optuna_state tags, plots (needs logger.mlflow)

@@ -31,7 +31,7 @@ from hydra.errors import HydraException
 
 log = logging.getLogger(__name__)
 
-POOL_ENV = "TUMORSEG_DEVICES"  # = tumorseg.launch.POOL_ENV (not imported: it pulls in torch)
+POOL_ENV = "TUMORSEG_DEVICES"  # = tumorseg.sweep.launch.POOL_ENV (not imported: it pulls in torch)
 
 
 def visible_devices(spec: Any) -> list[str]:

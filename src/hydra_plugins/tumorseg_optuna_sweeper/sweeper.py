@@ -1,8 +1,8 @@
 """The ``tumorseg_optuna`` sweeper: an Optuna study (ask and tell) whose trials are Hydra jobs.
 
 Each trial's job gets the sampled values as overrides, plus ``++callbacks.optuna_pruning=...``
-(per-epoch reports and pruning, see :mod:`tumorseg.sweep`) and ``++tags.optuna_study/trial``.
-A job that returns a number (a :class:`tumorseg.objective.Score` carries its standard error),
+(per-epoch reports and pruning, see :mod:`tumorseg.sweep.runs`) and ``++tags.optuna_study/trial``.
+A job that returns a number (a :class:`tumorseg.sweep.objective.Score` carries its standard error),
 or a list of them for a study of several objectives (``direction: [maximize, minimize]``), is
 COMPLETE; one that raises :class:`optuna.TrialPruned` is PRUNED; any other exception, or no
 finite value, is FAIL with the reason in user attr ``fail_reason``, and the sweep goes on.
@@ -30,7 +30,7 @@ each trial it runs, and fails the trials of workers that stopped beating for ``g
 (killed, machine lost), retrying each up to ``max_retry`` times and ending its MLflow run
 FAILED. A worker whose own trials are done waits for such trials before it exits.
 
-Heavy imports (torch, lightning, mlflow via :mod:`tumorseg.sweep`) happen inside ``sweep``, so
+Heavy imports (torch, lightning, mlflow via :mod:`tumorseg.sweep.runs`) happen inside ``sweep``, so
 Hydra's plugin scan at every start stays cheap. No ``from __future__ import annotations``: Hydra's
 scan runs this module before it is in ``sys.modules``, where string annotations break dataclasses.
 """
@@ -157,9 +157,9 @@ def _finite(value: Any) -> bool:
 
 def outcome_of(job: Callable[[], Any]) -> Outcome:
     """Run ``job`` (returning the job's value) and classify how it ended. A job returns a
-    number (a :class:`tumorseg.objective.Score` carries its standard error) or a list of them,
+    number (a :class:`tumorseg.sweep.objective.Score` carries its standard error) or a list of them,
     one per objective."""
-    from tumorseg.objective import stderr_of
+    from tumorseg.sweep.objective import stderr_of
 
     try:
         value = job()
@@ -182,8 +182,8 @@ def outcome_of(job: Callable[[], Any]) -> Outcome:
 
 def fold_outcome(outcomes: list[Outcome]) -> Outcome:
     """A trial's outcome from its folds' (all COMPLETE): per objective, the mean over folds
-    and, as its standard error, their spread (:func:`tumorseg.objective.fold_mean`)."""
-    from tumorseg.objective import fold_mean
+    and, as its standard error, their spread (:func:`tumorseg.sweep.objective.fold_mean`)."""
+    from tumorseg.sweep.objective import fold_mean
 
     means = [fold_mean([o.values[i] for o in outcomes]) for i in range(len(outcomes[0].values))]
     return Outcome(
@@ -247,7 +247,7 @@ def _study_lock(storage: str | None) -> Iterator[None]:
     """Serialise, between workers sharing one storage, the study and MLflow set-up (fresh
     databases cannot be set up by two processes at once) and each trial's reservation (count,
     then create): a file lock beside a SQLite file, an advisory lock on PostgreSQL."""
-    from tumorseg.sweep import database_lock, sqlite_path
+    from tumorseg.sweep.runs import database_lock, sqlite_path
 
     path = sqlite_path(storage)
     try:
@@ -327,7 +327,7 @@ class OptunaSweeper(Sweeper):
         sampler: DictConfig | None = None,
         pruner: DictConfig | None = None,
         monitor: str = "val/dice_mean",
-        callback: str | None = "tumorseg.sweep.OptunaPruning",
+        callback: str | None = "tumorseg.sweep.runs.OptunaPruning",
         callback_key: str = "callbacks.optuna_pruning",
         tags_key: str | None = "tags",
         mlflow: bool = True,
@@ -384,7 +384,7 @@ class OptunaSweeper(Sweeper):
         self.heartbeat: _Heartbeat | None = None
         self.space: dict[str, BaseDistribution] = {}
         self.fixed: list[str] = []
-        self.runs: Any = None  # tumorseg.sweep.StudyRuns when MLflow is on
+        self.runs: Any = None  # tumorseg.sweep.runs.StudyRuns when MLflow is on
         self.exhausted = False  # the sampler has nothing left to try
         self.label = ""
         self.clock: SlotClock | None = None
@@ -406,7 +406,7 @@ class OptunaSweeper(Sweeper):
     # --- the sweep ---------------------------------------------------------------------------
 
     def sweep(self, arguments: list[str]) -> list[FrozenTrial]:
-        from tumorseg.sweep import absolute_url, storage_label
+        from tumorseg.sweep.runs import absolute_url, storage_label
 
         self.storage = absolute_url(self.storage)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -464,7 +464,7 @@ class OptunaSweeper(Sweeper):
 
     def _starts_ranks(self) -> bool:
         """Whether the trials' trainer starts DDP ranks of its own (see the module doc)."""
-        from tumorseg.launch import starts_children
+        from tumorseg.sweep.launch import starts_children
 
         keys = ("strategy", "accelerator", "devices")
         trainer = {k: OmegaConf.select(self.config, f"trainer.{k}") for k in keys}
@@ -512,7 +512,7 @@ class OptunaSweeper(Sweeper):
         return min(self.n_jobs or pool.slots, pool.slots)
 
     def _open_study(self) -> optuna.Study:
-        from tumorseg.sweep import open_storage
+        from tumorseg.sweep.runs import open_storage
 
         storage = None
         if self.storage:
@@ -611,7 +611,7 @@ class OptunaSweeper(Sweeper):
         return True
 
     def _open_runs(self) -> Any:
-        from tumorseg.sweep import StudyRuns
+        from tumorseg.sweep.runs import StudyRuns
 
         mlflow_cfg = OmegaConf.select(self.config, "logger.mlflow")
         if not self.use_mlflow or not mlflow_cfg:
@@ -644,7 +644,7 @@ class OptunaSweeper(Sweeper):
             return [self._ask(study) for _ in range(min(most, self._todo(study)))]
 
     def _ask(self, study: optuna.Study) -> optuna.Trial:
-        from tumorseg.sweep import LIVE_TRIALS
+        from tumorseg.sweep.runs import LIVE_TRIALS
 
         space = self.space
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
@@ -739,7 +739,7 @@ class OptunaSweeper(Sweeper):
         return out
 
     def _finish(self, study: optuna.Study, trial: optuna.Trial, outcome: Outcome) -> None:
-        from tumorseg.sweep import LIVE_TRIALS
+        from tumorseg.sweep.runs import LIVE_TRIALS
 
         values = outcome.values if outcome.state == TrialState.COMPLETE else None
         if values is not None and len(values) != len(self.directions):
@@ -925,7 +925,7 @@ class OptunaSweeper(Sweeper):
         }
 
     def _report(self, study: optuna.Study, sweep_dir: Path) -> None:
-        from tumorseg.sweep import pareto_table, results
+        from tumorseg.sweep.runs import pareto_table, results
 
         sweep = self._sweep_stats()
         summary = results(study, self.label, sweep)

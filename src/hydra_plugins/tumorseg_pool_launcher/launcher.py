@@ -85,7 +85,7 @@ class PoolLauncher(Launcher):
         where = f" on devices {pool.devices}, {pool.per_job} per job" if pool else ""
         log.info(f"Launching {len(job_overrides)} jobs, {n_jobs} at a time{where}")
         if n_jobs > 1:  # as the TrackingStore callback does, for configs without it
-            from tumorseg.launch import prepare_tracking
+            from tumorseg.sweep.launch import prepare_tracking
 
             prepare_tracking(self.config)
         args = (self.hydra_context, self.config, self.task_function, n_jobs, pool)

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from tumorseg.bench.training import cpu_name
-from tumorseg.data.nifti import Case
+from tumorseg.core.labels import target
+from tumorseg.data.case import Case
 from tumorseg.data.preprocess import NetInput, from_net, net_shape, to_net
 from tumorseg.data.readers import list_cases
-from tumorseg.inference import (
+from tumorseg.inference.predict import (
     autocast_dtype,
     load_for_inference,
     pick_device,
@@ -27,9 +28,8 @@ from tumorseg.inference import (
     segmentation_image,
     size_step,
 )
-from tumorseg.labels import target
-from tumorseg.module import SegModule
-from tumorseg.precision import cpu_has_bf16
+from tumorseg.training.module import SegModule
+from tumorseg.training.precision import cpu_has_bf16
 
 
 def predict_case_naive(module: SegModule, net: torch.nn.Module, case: Case) -> np.ndarray:

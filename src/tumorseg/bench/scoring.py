@@ -1,6 +1,6 @@
 """Scoring speed: one 240x240x155 case, regions WT, TC and ET, global Dice, NSD and HD95 plus
-lesion-wise metrics, with distances inside bounding boxes (``tumorseg.lesions``) next to the
-same computation on the whole volume, in one run, on one CPU core::
+lesion-wise metrics, with distances inside bounding boxes (``tumorseg.evaluation.lesions``)
+next to the same computation on the whole volume, in one run, on one CPU core::
 
     python -m tumorseg.bench.scoring --repeats 5 --output bench_scoring.md
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.lesions import REGIONS, score_case
+from tumorseg.evaluation.lesions import REGIONS, score_case
 
 SHAPE = (240, 240, 155)
 THREE = {name: REGIONS["canonical"][name] for name in ("wt", "tc", "et")}

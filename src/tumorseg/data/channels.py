@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import MASK_LABELS, MASK_ORDER, check_mask_order
+from tumorseg.data.case import MODALITIES, Case
 from tumorseg.data.preprocess import zscore
 from tumorseg.data.readers import list_cases
-from tumorseg.errors import DataError
-from tumorseg.labels import MASK_LABELS, MASK_ORDER, check_mask_order
 
 REGIONS = ("brain", "NCR", "ED", "ET")  # background brain, then canonical labels 1, 2, 3
 

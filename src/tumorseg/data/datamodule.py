@@ -21,7 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import MASK_ORDER
+from tumorseg.core.timing import phase
+from tumorseg.data.case import MODALITIES, Case
 from tumorseg.data.preprocess import SKIP_EMPTY, Preprocessing, keep_slices, resize_batch
 from tumorseg.data.store import (
     MANIFEST,
@@ -33,9 +36,6 @@ from tumorseg.data.store import (
     write_json,
 )
 from tumorseg.data.transforms import Augment
-from tumorseg.errors import DataError
-from tumorseg.labels import MASK_ORDER
-from tumorseg.timing import phase
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -36,8 +36,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from tumorseg.errors import DataError
-from tumorseg.progress import progress_bar
+from tumorseg.core.console import progress_bar
+from tumorseg.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tumorseg.errors import DataError
-from tumorseg.lesions import bounding_box
+from tumorseg.core.errors import DataError
 
 ORIENTATION = "LPS"  # the BraTS voxel layout
 SPACING = (1.0, 1.0)  # BraTS in-plane spacing, mm
@@ -103,6 +102,20 @@ class Preprocessing:
         if self.skip_empty != "none":
             parts.append(f"slices with < {self.min_brain_fraction:g} brain skipped")
         return ", ".join(parts)
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of ``mask``'s bounding box grown by ``margin`` voxels (clipped); None if empty."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(
+            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis]))
+        )
+    return tuple(box)
 
 
 def check_orientation(codes: str) -> None:

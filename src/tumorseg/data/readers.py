@@ -28,7 +28,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tumorseg.data.nifti import (
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import CONVENTIONS, MASK_ORDER, check_mask_order, from_one_hot
+from tumorseg.data.case import (
     MODALITIES,
     SUFFIXES,
     Case,
@@ -37,8 +39,6 @@ from tumorseg.data.nifti import (
     read_nifti,
     read_seg,
 )
-from tumorseg.errors import DataError
-from tumorseg.labels import CONVENTIONS, MASK_ORDER, check_mask_order, from_one_hot
 
 log = logging.getLogger(__name__)
 

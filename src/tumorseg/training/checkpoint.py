@@ -1,5 +1,6 @@
 """Reading a tumorseg checkpoint as data, without Lightning: ``tumorseg-predict`` and the
-test stage load the net from here, ``tumorseg.module`` (the LightningModule) re-exports it."""
+test stage load the net from here, ``tumorseg.training.module`` (the LightningModule)
+re-exports it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tumorseg.errors import DataError, first_line
+from tumorseg.core.errors import DataError, first_line
 
 
 def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:

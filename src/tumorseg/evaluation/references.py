@@ -15,7 +15,7 @@ case id and ``paired_cases`` also checks the shapes from the headers. The label 
 a pair (``label_conventions``): the reference's is the one given, else the one its layout
 tells, else ``DEFAULT_LABELS``; the prediction's is the one given, else the reference's. Both
 volumes are read into the reference's convention (``read_pair``, every value checked) and
-scored on the reference's voxel spacing by ``tumorseg.scoring`` (``score_pair``,
+scored on the reference's voxel spacing by ``tumorseg.evaluation.cases`` (``score_pair``,
 ``score_all``). Overlays (``overlay_writers``) show a case's FLAIR, read by the data readers,
 for references that belong to a case with its images.
 
@@ -35,14 +35,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from tumorseg.data.nifti import MODALITIES, find_nifti
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import to_canonical
+from tumorseg.data.case import MODALITIES, find_nifti
 from tumorseg.data.readers import CaseRef, detect_format, list_cases, nifti_files
-from tumorseg.errors import DataError
-from tumorseg.labels import to_canonical
-from tumorseg.scoring import case_table, in_convention, lesion_table, scored_rows
+from tumorseg.evaluation.cases import case_table, in_convention, lesion_table, scored_rows
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
+    pass
 
 DEFAULT_LABELS = "brats2020"  # references whose layout does not tell their convention
 
@@ -270,27 +270,6 @@ def score_all(
     return case_table(rows, hd95), lesion_table(lesion_rows, hd95)
 
 
-# ---------------------------------------------------------------- MLflow
-
-
-def mlflow_client(run_id: str, uri: str) -> MlflowClient:
-    """Client for ``uri`` after checking that ``run_id`` exists there (DataError if not)."""
-    # imported here: mlflow is slow to import and only needed to log to a run
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    from tumorseg.tracking import require_store
-
-    require_store(uri)  # a missing SQLite file would be created empty
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"MLflow run {run_id} at {uri}: {message}") from None
-    return client
-
-
 # ---------------------------------------------------------------- overlays
 
 
@@ -305,7 +284,7 @@ def flair(case: CaseRef) -> tuple[np.ndarray, np.ndarray]:
 
 def save_overlay(pair: Pair, path: Path, pred_labels: str | None, ref_labels: str | None) -> None:
     """Three-view PNG of one case: its FLAIR, the reference solid, the prediction dashed."""
-    from tumorseg.overlay import overlay_figure
+    from tumorseg.inference.overlay import overlay_figure
 
     image, affine = flair(pair.case)
     pred, ref, labels = read_pair(pair, pred_labels, ref_labels)

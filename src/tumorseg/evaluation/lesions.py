@@ -64,6 +64,8 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
+from tumorseg.data.preprocess import bounding_box
+
 Hd95Convention = Literal["pooled", "max"]
 HD95_CONVENTIONS: tuple[str, ...] = ("pooled", "max")
 MATCH_THRESHOLD = 1e-6  # minimum lesion Dice for a match (the gli config)
@@ -71,7 +73,7 @@ REPORTED_INF = 373.0  # mm; what the official reports write for an infinite HD95
 MARGIN = 1  # voxels around a bounding box (distances inside it equal those on the volume)
 
 # Region -> label values in the files of each label convention (names as in
-# ``tumorseg.labels.CONVENTIONS``; "canonical" is tumorseg's own 1 NCR, 2 ED, 3 ET). NETC is
+# ``tumorseg.core.labels.CONVENTIONS``; "canonical" is tumorseg's own 1 NCR, 2 ED, 3 ET). NETC is
 # the necrotic / non-enhancing core (BraTS 2020 "NCR/NET"), SNFH the surrounding FLAIR
 # hyperintensity (edema), RC the resection cavity of the BraTS 2024 post-treatment data.
 REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -167,20 +169,6 @@ def reported(value: float) -> float:
 
 
 # ---------------------------------------------------------------- geometry
-
-
-def bounding_box(mask: np.ndarray, margin: int = MARGIN) -> tuple[slice, ...] | None:
-    """Slices of ``mask``'s bounding box grown by ``margin`` voxels (clipped); None if empty."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        if hits.size == 0:
-            return None
-        box.append(
-            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis]))
-        )
-    return tuple(box)
 
 
 def _union(a: tuple[slice, ...], b: tuple[slice, ...], shape: Sequence[int], margin: int):

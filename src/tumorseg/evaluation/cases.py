@@ -5,11 +5,12 @@ Per case and region: Dice, IoU, pixel accuracy (``acc``), sensitivity (``sens``)
 the MLflow metric names everywhere (``test/dice_wt``, ``case/hd95_et``). Used by
 ``tumorseg-evaluate``, the training test stage and reports.
 
-Regions are those of the label convention the volumes are in (``tumorseg.lesions.REGIONS``), in
-the order of ``REGION_ORDER``: WT, TC and ET, then the single labels NETC (necrotic /
-non-enhancing core) and SNFH (edema), which every convention has, and RC (resection cavity)
-only where the convention has a cavity label (``brats2024``). A convention without a region
-gets no row for it. ``BRATS_REGIONS`` (WT, TC, ET) are the ones averaged into ``*_mean``.
+Regions are those of the label convention the volumes are in
+(``tumorseg.evaluation.lesions.REGIONS``), in the order of ``REGION_ORDER``: WT, TC and ET,
+then the single labels NETC (necrotic / non-enhancing core) and SNFH (edema), which every
+convention has, and RC (resection cavity) only where the convention has a cavity label
+(``brats2024``). A convention without a region gets no row for it. ``BRATS_REGIONS`` (WT, TC, ET)
+are the ones averaged into ``*_mean``.
 
 Empty-mask rules (as BraTS), for each region:
 
@@ -28,7 +29,7 @@ convention, the per-case and per-lesion CSVs carry it in a last column ``hd95_co
 ``hd95_convention`` (``HD95_TAG``); the bare names (``hd95``) stay the pooled ones, so CSVs
 written before the column are read as they were.
 
-Lesion-wise columns, NSD and their rules are ``tumorseg.lesions``' (the official BraTS
+Lesion-wise columns, NSD and their rules are ``tumorseg.evaluation.lesions``' (the official BraTS
 evaluator's): ``nsd`` (global surface Dice), lesion counts ``lesions_ref``, ``lesions_pred``,
 ``matched``, ``missed``, ``false``, the official lesion-wise score ``lesion_dice``,
 ``lesion_nsd``, ``lesion_hd95`` (mean over matched lesions) and the BraTS 2023 score with
@@ -38,8 +39,8 @@ or false lesion.
 
 Infinity, one rule: every HD95 written (CSV column, summary, MLflow metric) is finite. Where the
 definition gives no finite distance (one mask empty; a missed or false lesion; no matched
-lesion) it is 373 mm, ``tumorseg.lesions.REPORTED_INF``, the value the official reports write
-for an infinite global HD95 and count per missed or false lesion.
+lesion) it is 373 mm, ``tumorseg.evaluation.lesions.REPORTED_INF``, the value the official
+reports write for an infinite global HD95 and count per missed or false lesion.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from tumorseg.labels import from_canonical, to_canonical
-from tumorseg.lesions import REGIONS as LESION_REGIONS
-from tumorseg.lesions import REPORTED_INF, bounding_box, nearest_distances, reported
-from tumorseg.lesions import score_case as lesion_scores
-from tumorseg.outputs import write_atomically
+from tumorseg.core.files import write_atomically
+from tumorseg.core.labels import from_canonical, to_canonical
+from tumorseg.data.preprocess import bounding_box
+from tumorseg.evaluation.lesions import REGIONS as LESION_REGIONS
+from tumorseg.evaluation.lesions import REPORTED_INF, nearest_distances, reported
+from tumorseg.evaluation.lesions import score_case as lesion_scores
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -112,7 +114,8 @@ log = logging.getLogger(__name__)
 
 def regions_of(labels: str = "canonical") -> dict[str, tuple[int, ...]]:
     """Region -> label values of the label convention ``labels`` (a key of
-    ``tumorseg.lesions.REGIONS``; ``canonical`` is tumorseg's own), in ``REGION_ORDER``."""
+    ``tumorseg.evaluation.lesions.REGIONS``; ``canonical`` is tumorseg's own), in
+    ``REGION_ORDER``."""
     if labels not in LESION_REGIONS:
         raise ValueError(
             f"unknown label convention {labels!r}: use one of {sorted(LESION_REGIONS)}"
@@ -169,7 +172,7 @@ def hd95(
     Distances from each surface voxel of one mask to the nearest surface voxel of the other, in
     both directions, pooled (``convention="max"``: the larger directed 95th percentile);
     surfaces found in the masks' padded bounding box, distances between surface voxels with a
-    k-d tree (``tumorseg.lesions.nearest_distances``; equal to a distance transform's).
+    k-d tree (``tumorseg.evaluation.lesions.nearest_distances``; equal to a distance transform's).
     """
     if not pred.any() and not ref.any():
         return 0.0

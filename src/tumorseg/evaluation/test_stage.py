@@ -1,10 +1,10 @@
 """Case-level test stage: predict whole volumes, score them in 3D, log the results to MLflow.
 
 Each test case is predicted exactly as ``tumorseg-predict`` would predict it (the same
-``tumorseg.inference.predict_case`` on the raw case, replaying the checkpoint's preprocessing),
-and scored on its own grid by ``tumorseg.scoring``. The numbers are per case (Dice, IoU,
-accuracy, sensitivity, specificity, HD95, NSD and the lesion-wise BraTS metrics), then averaged
-over cases: ``test/dice_wt`` is the mean case Dice, as BraTS reports it, and
+``tumorseg.inference.predict.predict_case`` on the raw case, replaying the checkpoint's
+preprocessing), and scored on its own grid by ``tumorseg.evaluation.cases``. The numbers are
+per case (Dice, IoU, accuracy, sensitivity, specificity, HD95, NSD and the lesion-wise BraTS
+metrics), then averaged over cases: ``test/dice_wt`` is the mean case Dice, as BraTS reports it, and
 ``test/lesion_dice_wt`` / ``test/lesion_hd95_wt`` the mean lesion-wise scores. The regions are
 those of tumorseg's canonical labels, which every case is read into: WT, TC, ET, NETC
 (``test/lesion_dice_netc``) and SNFH (``test/lesion_dice_snfh``); a resection cavity is
@@ -26,12 +26,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from tumorseg.data.nifti import Case
-from tumorseg.inference import predict_case, segmentation_image
-from tumorseg.labels import REGIONS
-from tumorseg.module import SegModule
-from tumorseg.overlay import overlay_figure
-from tumorseg.scoring import (
+from tumorseg.core.labels import REGIONS
+from tumorseg.data.case import Case
+from tumorseg.evaluation.cases import (
     HD95_TAG,
     case_means,
     case_table,
@@ -41,6 +38,9 @@ from tumorseg.scoring import (
     summarise,
     write_outputs,
 )
+from tumorseg.inference.overlay import overlay_figure
+from tumorseg.inference.predict import predict_case, segmentation_image
+from tumorseg.training.module import SegModule
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def score_cases(
     hd95: str = "pooled",
 ):
     """One row per case and region (canonical labels: WT, TC, ET, NETC, SNFH) with every
-    metric of ``tumorseg.scoring`` and one row per lesion (two tables); with ``predictions``,
-    each case's canonical labels are also saved there as ``<id>.nii.gz``."""
+    metric of ``tumorseg.evaluation.cases`` and one row per lesion (two tables); with
+    ``predictions``, each case's canonical labels are also saved there as ``<id>.nii.gz``."""
     rows, lesion_rows = [], []
     for case in cases:
         pred = predict_case(module, case, batch_size=batch_size, normalised=normalised)

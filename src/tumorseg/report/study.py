@@ -15,7 +15,7 @@ case's score is its mean WT/TC/ET Dice, as the test stage's ``test/dice_mean`` a
   between the trial's objective (the first one) and its mean case-level test Dice.
 * **The noise**: each trial's objective with its standard error (trial attr ``stderr``), and
   the trials whose objective lies within one standard error of the best's
-  (``tumorseg.sweep.within_noise``).
+  (``tumorseg.sweep.runs.within_noise``).
 
 Files in ``reports/<study>/`` (``--output``): ``study.md``, ``trials.csv``, ``paired.csv``,
 ``val_vs_test.png``, ``paired_difference.png`` and, for several objectives, the Pareto front
@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tumorseg.comparison import markdown_table, paired_test, run_cases, write_files
-from tumorseg.errors import DataError
-from tumorseg.scoring import RESAMPLES, SEED, bootstrap_ci
-from tumorseg.sweep import best_summary, pareto_table, study_plots, within_noise
+from tumorseg.core.errors import DataError
+from tumorseg.evaluation.cases import RESAMPLES, SEED, bootstrap_ci
+from tumorseg.report.compare import markdown_table, paired_test, run_cases, write_files
+from tumorseg.sweep.runs import best_summary, pareto_table, study_plots, within_noise
 
 if TYPE_CHECKING:
     import optuna

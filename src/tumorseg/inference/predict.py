@@ -23,15 +23,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from tumorseg.checkpoint import CheckpointError, plain_state_dict, read_checkpoint
-from tumorseg.data.nifti import Case
+from tumorseg.core.errors import DataError, first_line
+from tumorseg.core.labels import labels_from_regions, target
+from tumorseg.data.case import Case
 from tumorseg.data.preprocess import NetInput, Preprocessing, from_net, net_shape, to_net
-from tumorseg.errors import DataError, first_line
-from tumorseg.labels import labels_from_regions, target
-from tumorseg.precision import cpu_has_bf16
+from tumorseg.training.checkpoint import CheckpointError, plain_state_dict, read_checkpoint
+from tumorseg.training.precision import cpu_has_bf16
 
 if TYPE_CHECKING:
-    from tumorseg.module import SegModule
+    from tumorseg.training.module import SegModule
 
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))  # slice dims (N, C, X, Y)
 NCR, ET = 1, 3  # canonical labels

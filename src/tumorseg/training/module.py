@@ -11,7 +11,10 @@ import lightning as L
 import torch
 from torch import nn
 
-from tumorseg.checkpoint import (  # noqa: F401  (their home before tumorseg.checkpoint)
+from tumorseg.core.labels import regions_from_labels
+from tumorseg.core.labels import target as target_of
+from tumorseg.data.preprocess import Preprocessing, preprocessing_from_config
+from tumorseg.training.checkpoint import (  # noqa: F401  (their home before tumorseg.training.checkpoint)
     LEGACY_MAGIC,
     OBJECT_REFUSED,
     SAFE_GLOBALS,
@@ -21,11 +24,8 @@ from tumorseg.checkpoint import (  # noqa: F401  (their home before tumorseg.che
     plain_state_dict,
     read_checkpoint,
 )
-from tumorseg.data.preprocess import Preprocessing, preprocessing_from_config
-from tumorseg.labels import regions_from_labels
-from tumorseg.labels import target as target_of
-from tumorseg.losses import LabelLoss, RegionLoss
-from tumorseg.metrics import RegionMetrics
+from tumorseg.training.losses import LabelLoss, RegionLoss
+from tumorseg.training.scores import RegionMetrics
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from tumorseg.labels import REGIONS
+from tumorseg.core.labels import REGIONS
 
 COLOURS = {"wt": "#2ecc40", "tc": "#ff4136", "et": "#ffdc00"}
 STYLES = {"truth": "solid", "pred": "dashed"}

@@ -6,15 +6,15 @@ size step). Everything else a prediction needs travels in the file's metadata (O
 ``metadata_props``; TorchScript ``_extra_files``), each value a JSON string:
 
 * ``tumorseg_preprocessing``: the recorded ``Preprocessing`` (orientation, spacing, z-score crop,
-  slice filter, training slice and net sizes), replayed by ``tumorseg.inference``;
+  slice filter, training slice and net sizes), replayed by ``tumorseg.inference.predict``;
 * ``tumorseg_target``: ``regions`` (3 sigmoid channels WT/TC/ET) or ``labels`` (4 softmax
-  channels) and how labels are decided from them (``tumorseg.labels.target``);
+  channels) and how labels are decided from them (``tumorseg.core.labels.target``);
 * ``tumorseg_input``: input name, layout, channels (modalities in order), size step and the
   training net size; ``tumorseg_labels``: the output label convention (canonical: 0 background,
   1 NCR, 2 ED, 3 ET; ``tumorseg-predict --labels`` converts);
 * ``tumorseg_model``: variant, net config and the source checkpoint's name.
 
-:class:`OnnxRunner` stands in for the module in ``tumorseg.inference.predict_case`` (it has
+:class:`OnnxRunner` stands in for the module in ``tumorseg.inference.predict.predict_case`` (it has
 ``net``, ``preprocessing``, ``hparams.target`` and ``device``), so an ONNX file predicts through
 the same preprocessing replay as a checkpoint. Reading an ONNX file runs no Python code from it.
 """
@@ -34,12 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from tumorseg.data.nifti import MODALITIES
+from tumorseg.core.errors import DataError, first_line
+from tumorseg.core.labels import CONVENTIONS
+from tumorseg.data.case import MODALITIES
 from tumorseg.data.preprocess import Preprocessing
-from tumorseg.errors import DataError, first_line
-from tumorseg.inference import size_step
-from tumorseg.labels import CONVENTIONS
-from tumorseg.module import SegModule
+from tumorseg.inference.predict import size_step
+from tumorseg.training.module import SegModule
 
 log = logging.getLogger(__name__)
 

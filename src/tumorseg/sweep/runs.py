@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tumorseg import tracking
+from tumorseg.tracking import client as tracking
 
 log = logging.getLogger(__name__)
 

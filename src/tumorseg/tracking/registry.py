@@ -1,7 +1,7 @@
 """The MLflow side of trained models: logging a run's kept checkpoint as an MLflow model,
 registering it, and finding a checkpoint again from a run id or a model URI.
 
-The model itself is ``tumorseg/mlflow_model.py``, logged as an MLflow *model from code*; see
+The model itself is ``tumorseg/tracking/model.py``, logged as an MLflow *model from code*; see
 there for what it holds and what is trusted when it is loaded.
 """
 
@@ -20,8 +20,8 @@ import mlflow
 import numpy as np
 import yaml
 
-from tumorseg.errors import DataError, first_line
-from tumorseg.tracking import require_store
+from tumorseg.core.errors import DataError, first_line
+from tumorseg.tracking.client import require_store
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def pinned_requirements() -> list[str]:
 
 def signature() -> Any:
     """Tensor signature: one ``(4, X, Y, Z)`` float32 volume in, ``(X, Y, Z)`` uint8 out (case
-    paths, which it cannot describe, go to the model object: ``tumorseg.mlflow_model``)."""
+    paths, which it cannot describe, go to the model object: ``tumorseg.tracking.model``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tumorseg.errors import DataError
+from tumorseg.core.errors import DataError
 
 CANONICAL = {0: "background", 1: "NCR", 2: "ED", 3: "ET"}
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from tumorseg.errors import DataError
-from tumorseg.labels import to_canonical
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import to_canonical
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 SUFFIXES = (".nii.gz", ".nii")

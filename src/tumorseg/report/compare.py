@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from tumorseg.errors import DataError, first_line
+from tumorseg.core.errors import DataError, first_line
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -109,7 +109,7 @@ def open_client(uri: str) -> MlflowClient:
     # imported here: mlflow is slow to import
     from mlflow import MlflowClient
 
-    from tumorseg.tracking import require_store
+    from tumorseg.tracking.client import require_store
 
     require_store(uri)
     return MlflowClient(tracking_uri=uri)

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from tumorseg.core.errors import DataError
+
 if TYPE_CHECKING:  # Lightning takes seconds to import; the command-line tools need none of it
     from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def tracking_target(
 def require_store(tracking_uri: str) -> None:
     """DataError naming ``tracking_uri`` when it is a SQLite store whose file does not exist:
     opening it would create an empty store, so tools that only read refuse it instead."""
-    from tumorseg.errors import DataError
+    from tumorseg.core.errors import DataError
 
     if not tracking_uri.startswith("sqlite:///"):
         return
@@ -320,3 +323,19 @@ def dataset_inputs(manifest: dict[str, Any]) -> list[Any]:
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     return inputs
+
+
+def run_client(run_id: str, uri: str) -> MlflowClient:
+    """Client for ``uri`` after checking that ``run_id`` exists there (DataError if not)."""
+    # imported here: mlflow is slow to import and only needed to log to a run
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    require_store(uri)  # a missing SQLite file would be created empty
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"MLflow run {run_id} at {uri}: {message}") from None
+    return client

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy, BinaryF1Score, BinaryJaccardIndex
 
-from tumorseg.labels import REGIONS
+from tumorseg.core.labels import REGIONS
 
 KINDS = {"dice": BinaryF1Score, "iou": BinaryJaccardIndex, "acc": BinaryAccuracy}
 

@@ -19,9 +19,9 @@ import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from tumorseg.labels import labels_from_regions
-from tumorseg.timing import active, phase
-from tumorseg.tracking import compared_params, dataset_inputs, varied_keys
+from tumorseg.core.labels import labels_from_regions
+from tumorseg.core.timing import active, phase
+from tumorseg.tracking.client import compared_params, dataset_inputs, varied_keys
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -159,7 +159,7 @@ class MlflowArtifacts(L.Callback):
 
 class PhaseTimer(L.Callback):
     """The validation loops of a fit as phase ``validation`` of the run's recorder
-    (``tumorseg.timing``): what is left of the fit is ``train``. Nothing outside a run."""
+    (``tumorseg.core.timing``): what is left of the fit is ``train``. Nothing outside a run."""
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         phases = active()

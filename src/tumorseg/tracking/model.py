@@ -1,19 +1,19 @@
-"""A trained checkpoint as an MLflow model (logged and resolved by ``tumorseg.registry``).
+"""A trained checkpoint as an MLflow model (logged and resolved by ``tumorseg.tracking.registry``).
 
 The model is an MLflow *model from code*: ``mlflow.pyfunc.log_model`` is given the path of this
 file, which MLflow copies into the model folder and, on ``mlflow.pyfunc.load_model``, runs as
 source (it imports the installed ``tumorseg`` package and calls ``mlflow.models.set_model``).
 Nothing is cloudpickled. The weights are the run's kept checkpoint, stored as the model artifact
-``checkpoint`` and read by ``tumorseg.inference.load_for_inference`` as data
+``checkpoint`` and read by ``tumorseg.inference.predict.load_for_inference`` as data
 (``torch.load(weights_only=True)``), so the model predicts through the project's own inference
 (the checkpoint's recorded preprocessing, replayed).
 
 What is trusted where:
 
-* ``tumorseg-predict --model URI`` (``tumorseg.registry.checkpoint_from_model``) downloads the
-  model folder, reads its ``MLmodel`` file as YAML (``yaml.safe_load``) to find the checkpoint,
-  and loads the checkpoint as data. No code from the store is run: the copied source file is not
-  executed, and this module is not imported.
+* ``tumorseg-predict --model URI`` (``tumorseg.tracking.registry.checkpoint_from_model``)
+  downloads the model folder, reads its ``MLmodel`` file as YAML (``yaml.safe_load``) to find
+  the checkpoint, and loads the checkpoint as data. No code from the store is run: the copied
+  source file is not executed, and this module is not imported.
 * ``mlflow.pyfunc.load_model(URI)`` (MLflow's own loading, e.g. ``mlflow models serve``)
   executes the model's copy of this file. Use it only on stores whose writers you trust, as for
   any Python source you run.
@@ -21,14 +21,14 @@ What is trusted where:
 ``predict`` takes either of:
 
 * one volume ``(4, X, Y, Z)`` float32 (or a batch of one) with the modalities in
-  ``tumorseg.data.nifti.MODALITIES`` order, raw intensities, in the BraTS voxel layout (LPS,
+  ``tumorseg.data.case.MODALITIES`` order, raw intensities, in the BraTS voxel layout (LPS,
   1 mm: the arrays of BraTS NIfTI files). This is the logged signature, so it is what
   ``mlflow.pyfunc.load_model(URI).predict(volume)`` and ``mlflow models serve`` accept;
 * a case path, or a list of them: a BraTS case folder (2020/2021 naming ``ID/ID_flair.nii.gz``
   ..., or 2023+ naming ``ID/ID-t2f.nii.gz`` ...) or an MSD 4D image, read by the project's own
   readers (``tumorseg.data.readers.read_any``, as ``tumorseg-predict --input`` reads them), so
   the orientation and voxel spacing come from the NIfTI affine and are replayed by
-  ``tumorseg.inference`` like any other case.
+  ``tumorseg.inference.predict`` like any other case.
 
 Either way the result is canonical labels ``(X, Y, Z)`` uint8 (0 bg, 1 NCR, 2 ED, 3 ET) on the
 case's own grid: one array for a volume or a path, a list of arrays (in input order) for a list
@@ -54,7 +54,9 @@ import os
 import mlflow
 import numpy as np
 
-CHECKPOINT = "checkpoint"  # the model artifact holding the weights (as in tumorseg.registry)
+CHECKPOINT = (
+    "checkpoint"  # the model artifact holding the weights (as in tumorseg.tracking.registry)
+)
 
 
 class TumorsegModel(mlflow.pyfunc.PythonModel):
@@ -64,7 +66,7 @@ class TumorsegModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True  # the logged signature is the schema, not type hints
 
     def load_context(self, context) -> None:
-        from tumorseg.inference import load_for_inference
+        from tumorseg.inference.predict import load_for_inference
 
         self.module = load_for_inference(context.artifacts[CHECKPOINT], "auto")
 
@@ -83,7 +85,7 @@ class TumorsegModel(mlflow.pyfunc.PythonModel):
         return self.segment(volume_case(model_input), **options)
 
     def segment(self, case, tta: bool = False, min_et_voxels: int = 0) -> np.ndarray:
-        from tumorseg.inference import predict_case
+        from tumorseg.inference.predict import predict_case
 
         return predict_case(self.module, case, tta=tta, min_et_voxels=min_et_voxels)
 
@@ -102,7 +104,7 @@ def read_case(path):
 
 def volume_case(model_input):
     """A ``(4, X, Y, Z)`` volume (or a batch of one) in the BraTS voxel layout as a case."""
-    from tumorseg.data.nifti import Case
+    from tumorseg.data.case import Case
     from tumorseg.data.readers import BRATS_AFFINE
 
     image = np.asarray(model_input, dtype=np.float32)

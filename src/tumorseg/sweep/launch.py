@@ -40,7 +40,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tumorseg.outputs import folder_lock
+from tumorseg.core.files import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def prepare_tracking(config: DictConfig) -> None:
     from mlflow.tracking import MlflowClient
     from sqlalchemy.engine import make_url
 
-    from tumorseg.tracking import tracking_target
+    from tumorseg.tracking.client import tracking_target
 
     uri, _ = tracking_target(mlflow_cfg.get("tracking_uri"), mlflow_cfg.get("root_dir"))
     database = make_url(uri).database if uri.startswith("sqlite:") else None
