@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from tests import fixtures as fx
-from tumorseg.data.case import DataError, read_case
+from tumorseg.core.errors import DataError
 from tumorseg.data.datamodule import BratsDataModule, split_cases
 from tumorseg.data.preprocess import zscore
+from tumorseg.data.readers import read_any
 from tumorseg.data.store import is_complete
 
 
@@ -89,7 +90,7 @@ def test_zscore_equals_the_masked_statistics_to_the_bit():
 def test_reader_errors_name_the_file(demo_root, tmp_path):
     case = tmp_path / "BraTS20_Training_001"
     shutil.copytree(demo_root / case.name, case)
-    good = read_case(case)
+    good = read_any(case)
     assert good.image.shape == (4, 240, 240, 155) and good.spacing == (1.0, 1.0, 1.0)
     # unknown label value
     seg = case / f"{case.name}_seg.nii.gz"
@@ -98,16 +99,16 @@ def test_reader_errors_name_the_file(demo_root, tmp_path):
     data[0, 0, 0] = 3
     nib.save(nib.Nifti1Image(data, img.affine), seg)
     with pytest.raises(DataError, match=r"_seg.nii.gz: unexpected label value 3"):
-        read_case(case)
+        read_any(case)
     # truncated file
     t1 = case / f"{case.name}_t1.nii.gz"
     t1.write_bytes(t1.read_bytes()[:1000])
     with pytest.raises(DataError, match=r"_t1.nii.gz: cannot read NIfTI"):
-        read_case(case)
+        read_any(case)
     # missing modality
     t1.unlink()
     with pytest.raises(DataError, match="missing modality t1"):
-        read_case(case)
+        read_any(case)
 
 
 def test_empty_or_missing_data_dir(tmp_path):

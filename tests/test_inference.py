@@ -21,8 +21,9 @@ from scipy import ndimage
 
 from tests.conftest import compose_tiny
 from tumorseg.cli.predict import main as predict_main
-from tumorseg.data.case import MODALITIES, Case, read_case
+from tumorseg.data.case import MODALITIES, Case
 from tumorseg.data.preprocess import NetInput, Preprocessing, net_shape
+from tumorseg.data.readers import read_any
 from tumorseg.data.transforms import Augment
 from tumorseg.inference.predict import load_for_inference, predict_case
 from tumorseg.train import run
@@ -144,7 +145,7 @@ def test_predict_replays_the_training_crop(trained, module, demo_root, tmp_path)
     info = {c["id"]: c for c in store.manifest["cases"]}
     case_id = sorted(trained["predictions"])[0]
     x0, y0 = info[case_id]["crop_origin"]
-    raw = read_case(demo_root / case_id, with_seg=False)
+    raw = read_any(demo_root / case_id, labelled=False)
     image = zscore(raw.image)[:, x0 : x0 + 160, y0 : y0 + 160]
     rows = store.case_range(case_id)
     brain = store.slices["brain"][rows.start : rows.stop]
@@ -177,7 +178,7 @@ def test_predict_replays_the_training_crop(trained, module, demo_root, tmp_path)
 
 @pytest.fixture(scope="module")
 def case(demo_root: Path) -> Case:
-    return read_case(demo_root / "BraTS20_Training_001", with_seg=False)
+    return read_any(demo_root / "BraTS20_Training_001", labelled=False)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from tests.conftest import compose_tiny
-from tumorseg.data.case import read_case
+from tumorseg.data.readers import read_any
 from tumorseg.inference.predict import load_for_inference, predict_case
 from tumorseg.training.precision import auto_precision
 
@@ -136,7 +136,7 @@ def on_target(pred: np.ndarray, truth: np.ndarray, affine: np.ndarray) -> tuple[
 def test_prediction_lands_on_the_tumour(trained, easy_demo_root):
     ckpt, _, split = trained
     # the training case with most tumour: this checks geometry, not generalisation
-    cases = [read_case(easy_demo_root / cid) for cid in split["train"]]
+    cases = [read_any(easy_demo_root / cid) for cid in split["train"]]
     case = max(cases, key=lambda c: int((c.seg > 0).sum()))
     module = load_for_inference(ckpt, "cpu")
     pred = predict_case(module, case)

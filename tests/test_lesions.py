@@ -18,8 +18,9 @@ from scipy.spatial import cKDTree
 
 from tumorseg.core.labels import CONVENTIONS
 from tumorseg.core.labels import REGIONS as CANONICAL_REGIONS
+from tumorseg.core.labels import REGIONS_BY_CONVENTION as REGIONS
 from tumorseg.evaluation import lesions
-from tumorseg.evaluation.lesions import REGIONS, score_case, score_region, surface
+from tumorseg.evaluation.lesions import score_case, score_region, surface
 
 DATA = Path(__file__).parent / "data" / "brats_parity"
 REFERENCE = json.loads((DATA / "reference.json").read_text())

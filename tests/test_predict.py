@@ -20,7 +20,8 @@ from tumorseg.bench.pipeline import predict_case_before
 from tumorseg.cli.evaluate import main as evaluate_main
 from tumorseg.cli.predict import main
 from tumorseg.core.labels import CONVENTIONS, from_canonical, to_canonical
-from tumorseg.data.case import MODALITIES, Case, read_case
+from tumorseg.data.case import MODALITIES, Case
+from tumorseg.data.readers import read_any
 from tumorseg.inference.overlay import overlay_figure, panels
 from tumorseg.inference.predict import (
     ET,
@@ -63,7 +64,7 @@ def module(ckpt: Path):
 def reference(module, demo_root: Path) -> np.ndarray:
     """Canonical prediction of the first demo case through the Python API: some tumour, some
     background, so that equality with it says something."""
-    labels = predict_case(module, read_case(demo_root / CASE, with_seg=False))
+    labels = predict_case(module, read_any(demo_root / CASE, labelled=False))
     tumour = np.count_nonzero(labels)
     assert 0 < tumour < labels.size, f"the reference net paints {tumour} tumour voxels"
     assert len(np.unique(labels)) >= 3, f"the reference has labels {np.unique(labels)} only"
@@ -166,7 +167,7 @@ def test_msd_4d_image(ckpt, module, demo_root, tmp_path):
     labels = assert_geometry(out, image, "msd")
     got = nib.load(out)
     assert got.shape == (240, 240, 40) and nib.aff2axcodes(got.affine) == ("R", "A", "S")
-    case = read_case(demo_root / CASE, with_seg=False)
+    case = read_any(demo_root / CASE, labelled=False)
     case = Case("msd", case.image[..., 60:100], None, MSD_AFFINE)
     assert np.array_equal(labels, predict_case(module, case))
 
@@ -191,7 +192,7 @@ def test_folder_of_cases_then_evaluate(
     assert sorted(p.name for p in out.iterdir()) == [f"{c}.nii.gz" for c in cases]
     for cid in cases:
         assert_geometry(out / f"{cid}.nii.gz", root / cid / f"{cid}_flair.nii.gz", "brats2020")
-        alone = predict_case(module, read_case(root / cid, with_seg=False))
+        alone = predict_case(module, read_any(root / cid, labelled=False))
         written = to_canonical(np.asarray(nib.load(out / f"{cid}.nii.gz").dataobj), "brats2020")
         assert np.array_equal(written, alone), cid
     csv = tmp_path / "metrics.csv"
@@ -220,7 +221,7 @@ def test_fast_path_gives_the_labels_of_the_lightning_module(ckpt, module, demo_r
     lightning = load_checkpoint(ckpt).eval()
     lightning.net.to(memory_format=torch.channels_last)
     for cid in sorted(p.name for p in demo_root.iterdir() if p.is_dir())[:2]:
-        case = read_case(demo_root / cid, with_seg=False)
+        case = read_any(demo_root / cid, labelled=False)
         before = predict_case_before(lightning, case)
         now = predict_case(module, case, batch_size=batch_size)
         assert (before > 0).sum() > 0
@@ -283,7 +284,7 @@ def test_conventions_round_trip(convention):
 
 
 def test_tta_symmetric_input_gives_symmetric_prediction(module, demo_root):
-    case = read_case(demo_root / CASE, with_seg=False)
+    case = read_any(demo_root / CASE, labelled=False)
     image = case.image[..., 70:78]
     image = (image + image[:, ::-1]) / 2  # left-right symmetric (first spatial axis)
     x = torch.from_numpy(np.ascontiguousarray(image.transpose(3, 0, 1, 2)))
@@ -330,7 +331,7 @@ def test_min_et_voxels_option(ckpt, demo_root, tmp_path):
 
 
 def test_batched_matches_naive_loop(module, demo_root):
-    case = read_case(demo_root / CASE, with_seg=False)
+    case = read_any(demo_root / CASE, labelled=False)
     case = Case(CASE, case.image[..., 60:70], None, case.affine)
     fast = predict_case(module, case, batch_size=4, autocast=False)
     naive = predict_case_naive(module, module.net, case)

@@ -18,8 +18,8 @@ from tests import fixtures as fx
 from tumorseg.cli import channels
 from tumorseg.core.errors import DataError
 from tumorseg.core.labels import REGIONS, from_canonical, from_one_hot, to_canonical
-from tumorseg.data.case import MODALITIES, find_cases, read_case
-from tumorseg.data.readers import BRATS_AFFINE, detect_format, list_cases, read_any
+from tumorseg.data.case import BRATS_AFFINE, MODALITIES
+from tumorseg.data.readers import detect_format, list_cases, read_any
 
 # Raw label values of each region under each source's own convention (written out by hand).
 RAW_REGIONS = {
@@ -516,19 +516,3 @@ def test_channels_from_data_folder(tmp_path: Path, sets: dict[str, Path]) -> Non
     shutil.copytree(sets["kaggle"], tmp_path / "k")
     data = tmp_path / "k" / "BraTS2020_training_data" / "content" / "data"
     assert channels.main(["--input", str(data), "--format", "kaggle-h5"]) == 0
-
-
-def test_nifti_module_unchanged(sets: dict[str, Path]) -> None:
-    """``read_case`` / ``find_cases`` behave as before the readers were added."""
-    root = sets["brats2020"]
-    assert [p.name for p in find_cases(root)][:2] == [
-        "BraTS20_Training_001",
-        "BraTS20_Training_002",
-    ]
-    case = read_case(root / "BraTS20_Training_001")
-    ref = list_cases(root)[0].load()
-    np.testing.assert_array_equal(case.image, ref.image)
-    np.testing.assert_array_equal(case.seg, ref.seg)
-    with pytest.raises(DataError, match="missing segmentation BraTS20_Validation_001_seg"):
-        read_case(root / "BraTS20_Validation_001")
-    assert read_case(root / "BraTS20_Validation_001", with_seg=False).seg is None

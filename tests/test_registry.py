@@ -26,8 +26,8 @@ from tumorseg.cli.predict import main as predict_main
 from tumorseg.cli.register import main as register_main
 from tumorseg.core.errors import DataError
 from tumorseg.core.labels import to_canonical
-from tumorseg.data.case import MODALITIES, Case
-from tumorseg.data.readers import BRATS_AFFINE, list_cases
+from tumorseg.data.case import BRATS_AFFINE, MODALITIES, Case
+from tumorseg.data.readers import list_cases
 from tumorseg.inference.predict import load_for_inference, predict_case
 from tumorseg.tracking.registry import pin, pinned_requirements, using
 from tumorseg.train import run

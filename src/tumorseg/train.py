@@ -159,7 +159,7 @@ def objective(cfg: DictConfig, trainer, measured: dict[str, float], score: Any) 
 
 @timed("logging")
 def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
-    """The kept checkpoint as the run's MLflow model ``model`` (``tumorseg.tracking.model``),
+    """The kept checkpoint as the run's MLflow model ``model`` (``tumorseg.tracking.mlflow_model``),
     registered as ``registered_model_name`` when that is set."""
     from pathlib import Path
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.evaluation.lesions import REGIONS, score_case
+from tumorseg.core.labels import REGIONS
+from tumorseg.evaluation.lesions import score_case
 
 SHAPE = (240, 240, 155)
-THREE = {name: REGIONS["canonical"][name] for name in ("wt", "tc", "et")}
 
 
 def _ellipsoid(seg: np.ndarray, centre, radii, label: int, rng: np.random.Generator) -> None:
@@ -76,10 +76,10 @@ def run(repeats: int = 5, repeats_whole: int = 1) -> str:
     spacing = (1.0, 1.0, 1.0)
 
     def cropped():
-        return score_case(pred, ref, spacing, THREE)
+        return score_case(pred, ref, spacing, REGIONS)
 
     def whole():
-        return score_case(pred, ref, spacing, THREE, crop=False)
+        return score_case(pred, ref, spacing, REGIONS, crop=False)
 
     cropped()  # warm-up
     wall_crop, cpu_crop, a = best_seconds(cropped, repeats)

@@ -44,7 +44,7 @@ The model, one of:
 * ``--run RUN_ID``: an MLflow run's kept checkpoint (its ``checkpoints/`` artifacts);
 * ``--model URI``: an MLflow model, ``runs:/<run_id>/model``, ``models:/<name>@<alias>`` or
   ``models:/<name>/<version>``; its checkpoint artifact is downloaded and read as data, the
-  model's Python source is never run (``tumorseg.tracking.model``);
+  model's Python source is never run (``tumorseg.tracking.mlflow_model``);
 * ``--onnx FILE``: a ``tumorseg-export`` ONNX file, run by onnxruntime (fp32) through the same
   preprocessing replay, read from the file's metadata.
 

@@ -41,8 +41,30 @@ def check_mask_order(order: tuple[str, ...] | list[str], source: str = "mask_ord
     return names
 
 
-# region -> canonical labels it contains (WT whole tumour, TC tumour core, ET enhancing)
-REGIONS: dict[str, tuple[int, ...]] = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}
+# Region -> label values in the files of each label convention (names as in
+# ``CONVENTIONS``; "canonical" is tumorseg's own 1 NCR, 2 ED, 3 ET). NETC is
+# the necrotic / non-enhancing core (BraTS 2020 "NCR/NET"), SNFH the surrounding FLAIR
+# hyperintensity (edema), RC the resection cavity of the BraTS 2024 post-treatment data.
+REGIONS_BY_CONVENTION: dict[str, dict[str, tuple[int, ...]]] = {
+    "canonical": {"netc": (1,), "snfh": (2,), "et": (3,), "tc": (1, 3), "wt": (1, 2, 3)},
+    "brats2020": {"netc": (1,), "snfh": (2,), "et": (4,), "tc": (1, 4), "wt": (1, 2, 4)},
+    "brats2023": {"netc": (1,), "snfh": (2,), "et": (3,), "tc": (1, 3), "wt": (1, 2, 3)},
+    "brats2024": {
+        "netc": (1,),
+        "snfh": (2,),
+        "et": (3,),
+        "rc": (4,),
+        "tc": (1, 3),
+        "wt": (1, 2, 3),
+    },
+    "msd": {"netc": (2,), "snfh": (1,), "et": (3,), "tc": (2, 3), "wt": (1, 2, 3)},
+}
+
+# The three BraTS regions (WT whole tumour, TC tumour core, ET enhancing) -> canonical labels:
+# what the net predicts, training scores and the reports compare.
+REGIONS: dict[str, tuple[int, ...]] = {
+    r: REGIONS_BY_CONVENTION["canonical"][r] for r in ("wt", "tc", "et")
+}
 
 
 class LabelError(DataError):

@@ -1,4 +1,5 @@
-"""Reader for BraTS case folders of NIfTI files (one file per modality plus ``seg``)."""
+"""The canonical case every reader returns (:class:`Case`), the facts every source shares
+(``MODALITIES``, the standard BraTS grid ``BRATS_AFFINE``) and reading NIfTI files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from tumorseg.core.labels import to_canonical
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 SUFFIXES = (".nii.gz", ".nii")
+# The standard BraTS grid (LPS, 1 mm, 240 x 240 x 155) of the SRI24 atlas; the Kaggle h5 slices
+# carry no geometry and get it, the demo writes it.
+BRATS_AFFINE = np.array(
+    [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
+)
 
 
 @dataclass
@@ -39,12 +45,6 @@ def find_nifti(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def find_cases(root: str | Path) -> list[Path]:
-    """Case folders under ``root``: folders holding a ``<folder>_flair.nii[.gz]`` file, sorted."""
-    root = Path(root)
-    return sorted(p for p in root.iterdir() if p.is_dir() and find_nifti(p, f"{p.name}_flair"))
-
-
 def read_nifti(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Voxel array and affine of a NIfTI file; any read failure becomes a DataError."""
     try:
@@ -53,9 +53,6 @@ def read_nifti(path: Path, dtype: type | None = np.float32) -> tuple[np.ndarray,
     except Exception as err:  # nibabel, gzip and zlib raise several types for broken files
         raise DataError(f"{path}: cannot read NIfTI ({err})") from None
     return data, img.affine
-
-
-_read = read_nifti  # former private name
 
 
 def read_images(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -84,23 +81,3 @@ def read_seg(path: Path, shape: tuple[int, ...], ref: str, convention: str) -> n
     if raw.shape != shape:
         raise DataError(f"{path}: shape {raw.shape} differs from {ref} {shape}")
     return to_canonical(raw, convention, str(path))
-
-
-def read_case(folder: str | Path, convention: str = "brats2020", with_seg: bool = True) -> Case:
-    """Read a BraTS 2020-style case folder ``ID/ID_{flair,t1,t1ce,t2,seg}.nii[.gz]``."""
-    folder = Path(folder)
-    cid = folder.name
-    paths = []
-    for mod in MODALITIES:
-        path = find_nifti(folder, f"{cid}_{mod}")
-        if path is None:
-            raise DataError(f"{folder}: missing modality {mod} ({cid}_{mod}.nii.gz)")
-        paths.append(path)
-    image, affine = read_images(paths)
-    seg = None
-    if with_seg:
-        seg_path = find_nifti(folder, f"{cid}_seg")
-        if seg_path is None:
-            raise DataError(f"{folder}: missing segmentation {cid}_seg.nii.gz")
-        seg = read_seg(seg_path, image.shape[1:], paths[0].name, convention)
-    return Case(cid, image, seg, affine)

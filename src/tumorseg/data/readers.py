@@ -31,6 +31,7 @@ import numpy as np
 from tumorseg.core.errors import DataError
 from tumorseg.core.labels import CONVENTIONS, MASK_ORDER, check_mask_order, from_one_hot
 from tumorseg.data.case import (
+    BRATS_AFFINE,
     MODALITIES,
     SUFFIXES,
     Case,
@@ -44,11 +45,6 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("kaggle-h5", "brats", "msd")
 
-# The h5 slices carry no geometry: they are axial slices of the BraTS 2020 NIfTI volumes,
-# so we give them the standard BraTS (LPS, 1 mm) affine those volumes have.
-BRATS_AFFINE = np.array(
-    [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-)
 
 # Kaggle: where the slices may sit relative to the folder the user points at.
 KAGGLE_DIRS = (".", "data", "content/data", "BraTS2020_training_data/content/data")

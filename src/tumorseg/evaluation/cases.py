@@ -6,7 +6,7 @@ the MLflow metric names everywhere (``test/dice_wt``, ``case/hd95_et``). Used by
 ``tumorseg-evaluate``, the training test stage and reports.
 
 Regions are those of the label convention the volumes are in
-(``tumorseg.evaluation.lesions.REGIONS``), in the order of ``REGION_ORDER``: WT, TC and ET,
+(``tumorseg.core.labels.REGIONS_BY_CONVENTION``), in the order of ``REGION_ORDER``: WT, TC and ET,
 then the single labels NETC (necrotic / non-enhancing core) and SNFH (edema), which every
 convention has, and RC (resection cavity) only where the convention has a cavity label
 (``brats2024``). A convention without a region gets no row for it. ``BRATS_REGIONS`` (WT, TC, ET)
@@ -53,13 +53,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from tumorseg.core.files import write_atomically
-from tumorseg.core.labels import from_canonical, to_canonical
+from tumorseg.core.labels import REGIONS, REGIONS_BY_CONVENTION, from_canonical, to_canonical
 from tumorseg.data.preprocess import bounding_box
-from tumorseg.evaluation.lesions import REGIONS as LESION_REGIONS
-from tumorseg.evaluation.lesions import REPORTED_INF, nearest_distances, reported
+from tumorseg.evaluation.lesions import (
+    REPORTED_INF,
+    hd95_from,
+    nearest_distances,
+    reported,
+    surface,
+)
 from tumorseg.evaluation.lesions import score_case as lesion_scores
 
 if TYPE_CHECKING:
@@ -101,7 +105,7 @@ LESION_COLUMNS = (
 HD95_CONVENTIONS = ("pooled", "max")
 HD95_TAG = "hd95_convention"  # CSV column and MLflow tag naming the HD95 convention
 REGION_ORDER = ("wt", "tc", "et", "netc", "snfh", "rc")  # rows, summaries and plots
-BRATS_REGIONS = ("wt", "tc", "et")  # the regions ``*_mean`` averages, as BraTS ranks them
+BRATS_REGIONS = tuple(REGIONS)  # the regions ``*_mean`` averages, as BraTS ranks them
 EMPTY_HD95 = REPORTED_INF  # mm, HD95 with exactly one mask empty: the one infinity rule
 HD95_MARGIN = 1  # voxels of padding around the masks' bounding box (enough for the erosion)
 RESAMPLES, SEED = 2000, 0  # bootstrap of the mean
@@ -114,13 +118,13 @@ log = logging.getLogger(__name__)
 
 def regions_of(labels: str = "canonical") -> dict[str, tuple[int, ...]]:
     """Region -> label values of the label convention ``labels`` (a key of
-    ``tumorseg.evaluation.lesions.REGIONS``; ``canonical`` is tumorseg's own), in
+    ``tumorseg.core.labels.REGIONS_BY_CONVENTION``; ``canonical`` is tumorseg's own), in
     ``REGION_ORDER``."""
-    if labels not in LESION_REGIONS:
+    if labels not in REGIONS_BY_CONVENTION:
         raise ValueError(
-            f"unknown label convention {labels!r}: use one of {sorted(LESION_REGIONS)}"
+            f"unknown label convention {labels!r}: use one of {sorted(REGIONS_BY_CONVENTION)}"
         )
-    table = LESION_REGIONS[labels]
+    table = REGIONS_BY_CONVENTION[labels]
     return {r: table[r] for r in REGION_ORDER if r in table}
 
 
@@ -142,11 +146,6 @@ def in_convention(seg: np.ndarray, convention: str, target: str, source: str) ->
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def surface(mask: np.ndarray) -> np.ndarray:
-    """Surface voxels: the mask minus its binary erosion (face connectivity)."""
-    return mask & ~ndimage.binary_erosion(mask)
 
 
 def metric_names(hd95: str = "pooled") -> tuple[str, ...]:
@@ -181,11 +180,9 @@ def hd95(
     box = bounding_box(pred | ref, HD95_MARGIN)
     pred_points, ref_points = np.argwhere(surface(pred[box])), np.argwhere(surface(ref[box]))
     sampling = np.asarray(spacing, dtype=np.float64)
-    to_ref = nearest_distances(pred_points, ref_points, sampling)
-    to_pred = nearest_distances(ref_points, pred_points, sampling)
-    if convention == "max":
-        return float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
-    return float(np.percentile(np.concatenate([to_ref, to_pred]), 95))
+    d_ref = nearest_distances(ref_points, pred_points, sampling)
+    d_pred = nearest_distances(pred_points, ref_points, sampling)
+    return hd95_from(d_ref, d_pred, convention)
 
 
 def mask_metrics(

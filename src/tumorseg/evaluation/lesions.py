@@ -64,6 +64,7 @@ from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
+from tumorseg.core.labels import REGIONS_BY_CONVENTION
 from tumorseg.data.preprocess import bounding_box
 
 Hd95Convention = Literal["pooled", "max"]
@@ -71,25 +72,6 @@ HD95_CONVENTIONS: tuple[str, ...] = ("pooled", "max")
 MATCH_THRESHOLD = 1e-6  # minimum lesion Dice for a match (the gli config)
 REPORTED_INF = 373.0  # mm; what the official reports write for an infinite HD95
 MARGIN = 1  # voxels around a bounding box (distances inside it equal those on the volume)
-
-# Region -> label values in the files of each label convention (names as in
-# ``tumorseg.core.labels.CONVENTIONS``; "canonical" is tumorseg's own 1 NCR, 2 ED, 3 ET). NETC is
-# the necrotic / non-enhancing core (BraTS 2020 "NCR/NET"), SNFH the surrounding FLAIR
-# hyperintensity (edema), RC the resection cavity of the BraTS 2024 post-treatment data.
-REGIONS: dict[str, dict[str, tuple[int, ...]]] = {
-    "canonical": {"netc": (1,), "snfh": (2,), "et": (3,), "tc": (1, 3), "wt": (1, 2, 3)},
-    "brats2020": {"netc": (1,), "snfh": (2,), "et": (4,), "tc": (1, 4), "wt": (1, 2, 4)},
-    "brats2023": {"netc": (1,), "snfh": (2,), "et": (3,), "tc": (1, 3), "wt": (1, 2, 3)},
-    "brats2024": {
-        "netc": (1,),
-        "snfh": (2,),
-        "et": (3,),
-        "rc": (4,),
-        "tc": (1, 3),
-        "wt": (1, 2, 3),
-    },
-    "msd": {"netc": (2,), "snfh": (1,), "et": (3,), "tc": (2, 3), "wt": (1, 2, 3)},
-}
 
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -443,8 +425,9 @@ def score_case(
     crop: bool = True,
 ) -> dict[str, RegionScore]:
     """Score every region of one case: ``pred`` and ``ref`` are label volumes in the label
-    convention ``regions`` names (a key of :data:`REGIONS`) or a ``{region: labels}`` table."""
-    table = REGIONS[regions] if isinstance(regions, str) else regions
+    convention ``regions`` names (a key of :data:`tumorseg.core.labels.REGIONS_BY_CONVENTION`) or a
+    ``{region: labels}`` table."""
+    table = REGIONS_BY_CONVENTION[regions] if isinstance(regions, str) else regions
     _check(pred, ref, spacing)
     origin = (0, 0, 0)
     if crop:  # one pass over the whole volume; every region lies inside the labelled box

@@ -1,8 +1,8 @@
 """The MLflow side of trained models: logging a run's kept checkpoint as an MLflow model,
 registering it, and finding a checkpoint again from a run id or a model URI.
 
-The model itself is ``tumorseg/tracking/model.py``, logged as an MLflow *model from code*; see
-there for what it holds and what is trusted when it is loaded.
+The model itself is ``tumorseg/tracking/mlflow_model.py``, logged as an MLflow *model from code*;
+see there for what it holds and what is trusted when it is loaded.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def pinned_requirements() -> list[str]:
 
 def signature() -> Any:
     """Tensor signature: one ``(4, X, Y, Z)`` float32 volume in, ``(X, Y, Z)`` uint8 out (case
-    paths, which it cannot describe, go to the model object: ``tumorseg.tracking.model``)."""
+    paths, which it cannot describe, go to the model object: ``tumorseg.tracking.mlflow_model``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 

@@ -104,8 +104,7 @@ def read_case(path):
 
 def volume_case(model_input):
     """A ``(4, X, Y, Z)`` volume (or a batch of one) in the BraTS voxel layout as a case."""
-    from tumorseg.data.case import Case
-    from tumorseg.data.readers import BRATS_AFFINE
+    from tumorseg.data.case import BRATS_AFFINE, Case
 
     image = np.asarray(model_input, dtype=np.float32)
     if image.ndim == 5 and image.shape[0] == 1:  # a batch of one
