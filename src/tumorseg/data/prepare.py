@@ -96,7 +96,8 @@ def convert(
     if case.seg is None:
         raise DataError(f"{case.case_id}: no segmentation")
     pre = pre or Preprocessing()
-    image, seg, affine = to_training_grid(case.image, case.seg, case.affine, pre, case.case_id)
+    grid = to_training_grid(case.image, case.seg, case.affine, pre, case.case_id)
+    image, seg, affine = grid.image, grid.seg, grid.affine
     brain = brain_mask(image)
     stats = intensity_stats(image, brain)
     volume_shape = seg.shape

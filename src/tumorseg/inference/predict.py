@@ -189,11 +189,6 @@ def load_for_inference(
     return module
 
 
-def preprocessing(module: SegModule) -> Preprocessing:
-    """The preprocessing the module was trained with (recorded in its checkpoint)."""
-    return module.preprocessing
-
-
 def size_step(module: SegModule) -> int:
     """Net input height and width must be multiples of this."""
     return 2 ** (getattr(module.net, "levels", 1) - 1)

@@ -79,9 +79,9 @@ class TumorsegModel(mlflow.pyfunc.PythonModel):
             "min_et_voxels": int(params.get("min_et_voxels", 0)),
         }
         if is_path(model_input):
-            return self.segment(read_case(model_input), **options)
+            return self.segment(read_input_path(model_input), **options)
         if isinstance(model_input, list | tuple) and model_input and all(map(is_path, model_input)):
-            return [self.segment(read_case(path), **options) for path in model_input]
+            return [self.segment(read_input_path(path), **options) for path in model_input]
         return self.segment(volume_case(model_input), **options)
 
     def segment(self, case, tta: bool = False, min_et_voxels: int = 0) -> np.ndarray:
@@ -94,7 +94,7 @@ def is_path(value) -> bool:
     return isinstance(value, str | os.PathLike)
 
 
-def read_case(path):
+def read_input_path(path):
     """A case folder or an MSD image, read as ``tumorseg-predict --input`` reads it (its
     segmentation, if any, is not read)."""
     from tumorseg.data.readers import read_any

@@ -66,11 +66,6 @@ def should_compile(choice: bool | str, device_type: str, steps: int | float) -> 
     return device_type == "cpu" and steps >= COMPILE_MIN_STEPS_CPU > 0
 
 
-def out_channels(target: str) -> int:
-    """Net output channels for a target mode: 3 sigmoid regions or 4 softmax labels."""
-    return target_of(target).channels
-
-
 class SegModule(L.LightningModule):
     """Segmentation module.
 
@@ -102,7 +97,7 @@ class SegModule(L.LightningModule):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
-        out_channels(target)
+        target_of(target)  # a bad target fails here, naming the choices
         compile_choice(compile)
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
         self.net = net
