@@ -67,7 +67,9 @@ def cpu_timed(fn) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="tumorseg-bench compile", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each (60)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=128)

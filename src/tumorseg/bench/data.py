@@ -45,7 +45,7 @@ from tumorseg.core.console import ArgError, Parser
 from tumorseg.core.files import write_atomically
 from tumorseg.data.store import IMAGES, LABELS, is_complete
 
-PROG = "tumorseg-bench-data"
+PROG = "tumorseg-bench data"
 # --augment: the recipe of conf/data/brats.yaml
 AUGMENT = {"flip_x": 0.5, "flip_y": 0.5, "p_spatial": 0.3, "p_intensity": 0.3, "p_gamma": 0.3}
 log = logging.getLogger(__name__)

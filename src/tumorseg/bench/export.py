@@ -25,7 +25,7 @@ from tumorseg.core.errors import DataError
 from tumorseg.inference.export import OnnxRunner, export
 from tumorseg.inference.predict import load_for_inference, predict_case
 
-PROG = "python -m tumorseg.bench.export"
+PROG = "tumorseg-bench export"
 
 
 def bench(checkpoint: Path | None, repeats: int, batch_size: int) -> str:

@@ -68,7 +68,9 @@ def pipelined(module, folder: Path, out: Path, batch_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="tumorseg-bench pipeline", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)

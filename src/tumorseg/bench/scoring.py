@@ -115,7 +115,7 @@ def run(repeats: int = 5, repeats_whole: int = 1) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tumorseg.bench.scoring", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tumorseg-bench scoring", description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="timed cropped runs (best kept)")
     parser.add_argument("--repeats-whole", type=int, default=1, help="timed whole-volume runs")
     parser.add_argument("--output", type=Path, help="also write the report to this file")

@@ -36,7 +36,7 @@ from tumorseg.models import AttentionUNet, ResidualUNet, UNet
 from tumorseg.training.losses import RegionLoss
 from tumorseg.training.precision import cpu_has_bf16
 
-PROG = "tumorseg-bench"
+PROG = "tumorseg-bench training"
 VARIANTS: dict[str, type[nn.Module]] = {
     "unet": UNet,
     "attention_unet": AttentionUNet,

@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.benchmark:
             from tumorseg.bench.inference import bench
 
+            console.error(
+                PROG, "note: write 'tumorseg-bench inference' (--benchmark is its old name)"
+            )
             print(bench(args.checkpoint, args.device, args.repeats, args.batch_size))
             return 0
         jobs = plan(args)
