@@ -6,9 +6,10 @@ import pytest
 
 from tests import fixtures as fx
 from tumorseg.core.errors import DataError
-from tumorseg.data.datamodule import BratsDataModule, split_cases
+from tumorseg.data.datamodule import BratsDataModule
 from tumorseg.data.preprocess import zscore
 from tumorseg.data.readers import read_any
+from tumorseg.data.splits import split_cases
 from tumorseg.data.store import is_complete
 
 

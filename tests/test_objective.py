@@ -9,8 +9,8 @@ import pytest
 from tests.conftest import compose_tiny
 from tumorseg.core.errors import DataError
 from tumorseg.core.labels import REGIONS
-from tumorseg.data.datamodule import split_cases
 from tumorseg.data.readers import list_cases
+from tumorseg.data.splits import split_cases
 from tumorseg.evaluation.test_stage import validation_scores
 from tumorseg.inference.predict import load_for_inference, predict_case
 from tumorseg.sweep.objective import Score, fold_mean

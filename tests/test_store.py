@@ -19,14 +19,11 @@ from tumorseg.core.errors import DataError
 from tumorseg.core.labels import REGIONS
 from tumorseg.data import prepare as prep
 from tumorseg.data import preprocess
-from tumorseg.data.datamodule import (
-    BratsDataModule,
-    ForegroundSampler,
-    kfold_cases,
-    split_cases,
-)
+from tumorseg.data.datamodule import BratsDataModule
+from tumorseg.data.datasets import ForegroundSampler
 from tumorseg.data.preprocess import zscore
 from tumorseg.data.readers import list_cases
+from tumorseg.data.splits import kfold_cases, split_cases
 from tumorseg.data.store import is_complete, open_store, partial_path, verify_store
 from tumorseg.data.transforms import Augment
 
