@@ -84,6 +84,7 @@ def _train_tiny(tmp_path: Path, demo_root: Path, shuffle_labels: bool):
         dm.datasets["train"] = ShuffledLabels(dm.datasets["train"])
     model = hydra.utils.instantiate(cfg.model)
     model.config = OmegaConf.to_container(cfg, resolve=True)
+    model.preprocessing = dm.preprocessing()  # as train.py does
     trainer = L.Trainer(
         max_epochs=EPOCHS,
         accelerator="cpu",

@@ -220,6 +220,7 @@ def run(cfg: DictConfig) -> Any:
         datamodule.prepare_data()
     model = hydra.utils.instantiate(cfg.model)
     model.config = config
+    model.preprocessing = datamodule.preprocessing()  # the store's, which checkpoints record
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c]
 
     logger = None

@@ -117,15 +117,11 @@ class SegModule(L.LightningModule):
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """What turns a raw case into this net's input: the data module's, once training has
-        a store; read back from the checkpoint; else derived from the config."""
+        """What turns a raw case into this net's input: as given (train.py gives the data
+        module's, once it has a store), read back from the checkpoint, else derived from the
+        config."""
         if self._preprocessing is None:
-            trainer = self._trainer
-            datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-            if datamodule is not None and hasattr(datamodule, "preprocessing"):
-                self._preprocessing = datamodule.preprocessing()
-            else:
-                return preprocessing_from_config(self.config)
+            return preprocessing_from_config(self.config)
         return self._preprocessing
 
     @preprocessing.setter
