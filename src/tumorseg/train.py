@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import hydra
@@ -50,6 +51,25 @@ def _sweep_tags() -> dict[str, str]:
     return {"sweep": hc.sweep.dir, "sweep_job": str(hc.job.num)}
 
 
+def kept_module(trainer, model, compile: bool = False):
+    """The checkpoint the run kept (Lightning's ``best_model_path``), loaded for inference as
+    ``tumorseg-predict`` loads it; the module in memory when nothing was saved."""
+    from tumorseg.inference.predict import load_for_inference
+
+    ckpt = trainer.checkpoint_callback
+    kept = ckpt.best_model_path if ckpt is not None else ""
+    return load_for_inference(kept, model.device, compile=compile) if kept else model
+
+
+def whole_cases(datamodule, split: str) -> tuple[Iterator, bool]:
+    """A split's whole cases and whether they are normalised: raw, as ``tumorseg-predict``
+    reads them, or the store's volumes when ``data.root`` is a store (its source may be gone)."""
+    cases = datamodule.raw_cases(split)
+    if cases is None:
+        return datamodule.iter_cases(split), True
+    return cases, False
+
+
 @timed("test")
 def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
     """Predict the test cases volume by volume with the kept checkpoint, from the raw cases as
@@ -57,18 +77,14 @@ def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
     from itertools import islice
 
     from tumorseg.evaluation.test_stage import test_stage
-    from tumorseg.inference.predict import load_for_inference
     from tumorseg.training.module import should_compile
 
-    ckpt = trainer.checkpoint_callback
-    kept = ckpt.best_model_path if ckpt is not None else ""  # Lightning's name for the kept one
     compiled = should_compile(cfg.model.get("compile", False), model.device.type, 0)
-    module = load_for_inference(kept, model.device, compile=compiled) if kept else model
-    test_cases, val_cases = datamodule.raw_cases("test"), datamodule.raw_cases("val")
-    normalised = test_cases is None
+    module = kept_module(trainer, model, compiled)
+    test_cases, normalised = whole_cases(datamodule, "test")
+    val_cases, _ = whole_cases(datamodule, "val")
     if normalised:
         log.info("data.root is a store: the test stage predicts its (normalised) volumes")
-        test_cases, val_cases = datamodule.iter_cases("test"), datamodule.iter_cases("val")
     overlays = islice(val_cases, cfg.get("overlay_cases", 2))
     means = test_stage(
         module,
@@ -104,16 +120,10 @@ def validate_cases(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[
     """Predict the validation patients volume by volume with the kept checkpoint (the test
     stage's path), log their case-level Dice, its noise and the seconds per case."""
     from tumorseg.evaluation.test_stage import case_dice, validation_scores
-    from tumorseg.inference.predict import load_for_inference
 
-    ckpt = trainer.checkpoint_callback
-    kept = ckpt.best_model_path if ckpt is not None else ""
-    module = load_for_inference(kept, model.device) if kept else model
+    module = kept_module(trainer, model)
     module.eval()
-    cases = datamodule.raw_cases("val")
-    normalised = cases is None
-    if normalised:
-        cases = datamodule.iter_cases("val")
+    cases, normalised = whole_cases(datamodule, "val")
     table = case_dice(module, cases, normalised=normalised)
     if table.empty:
         return {}

@@ -235,12 +235,16 @@ def case_metrics(
 # ---------------------------------------------------------------- summary
 
 
+def bootstrap_picks(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """``(resamples, n)`` case indices: seeded draws of ``n`` cases with replacement."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
 def bootstrap_ci(
     values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED
 ) -> tuple[float, float]:
     """Percentile 95% CI of the mean from ``resamples`` seeded bootstrap resamples."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(values), size=(resamples, len(values)))
+    picks = bootstrap_picks(len(values), resamples, seed)
     low, high = np.percentile(values[picks].mean(axis=1), [2.5, 97.5])
     return float(low), float(high)
 

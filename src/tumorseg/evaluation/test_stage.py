@@ -30,6 +30,7 @@ from tumorseg.core.labels import REGIONS
 from tumorseg.data.case import Case
 from tumorseg.evaluation.cases import (
     HD95_TAG,
+    bootstrap_picks,
     case_means,
     case_table,
     lesion_table,
@@ -129,7 +130,7 @@ def validation_scores(df: pd.DataFrame, resamples: int = 2000, seed: int = 0) ->
     out = {f"val/case_dice_{r}": float(dice[:, i].mean()) for i, r in enumerate(REGIONS)}
     out["val/case_dice_mean"] = float(dice.mean(axis=1).mean())
     if n > 1:
-        picks = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+        picks = bootstrap_picks(n, resamples, seed)
         out["val/case_dice_mean_stderr"] = float(dice.mean(axis=1)[picks].mean(axis=1).std(ddof=1))
         out["val/dice_mean_stderr"] = float(_pooled(overlap[picks], volume[picks]).std(ddof=1))
     seconds = df.drop_duplicates("case_id")["seconds"].to_numpy(float)
