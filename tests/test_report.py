@@ -15,7 +15,23 @@ from scipy.stats import wilcoxon
 
 from tests.conftest import run_train
 from tumorseg.cli.report import main
-from tumorseg.report import compare as report
+from tumorseg.report.compare import FILES
+from tumorseg.report.runs import (
+    CASE_METRICS,
+    is_training_run,
+    learning_curves,
+    metric_history,
+    read_case_csv,
+    runs_frame,
+)
+from tumorseg.report.stats import (
+    case_ranks,
+    holm,
+    paired_test,
+    rank_metrics,
+    ranking_table,
+    variant_case_means,
+)
 
 CASES = [f"case_{i}" for i in range(1, 9)]
 # per-case Dice of unet, averaged over its two runs (run 1: x - 0.01, run 2: x + 0.01)
@@ -137,7 +153,7 @@ def reported(store: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_files_written_and_others_kept(reported):
     names = {p.name for p in reported.iterdir()}
-    assert names == {"README.md", *report.FILES}
+    assert names == {"README.md", *FILES}
     assert (reported / "README.md").read_text() == "keep me\n"
     assert (reported / "case_dice_boxplot.png").read_bytes()[:4] == b"\x89PNG"
     assert (reported / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -219,7 +235,7 @@ def test_report_run_logged_and_skipped_next_time(reported, store, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_name == "report" and run.info.status == "FINISHED"
-    assert {f.path for f in client.list_artifacts(run.info.run_id)} == set(report.FILES)
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} == set(FILES)
     # a second report does not count the first one as a training run
     out = tmp_path / "again"
     assert main(["--experiment", "cmp", "--tracking-uri", store["uri"], "--output", str(out)]) == 0
@@ -253,7 +269,7 @@ def test_epoch_from_lightning_steps_and_resumed_duplicates(store):
         Metric("epoch", 3, 5, 9),  # the test stage: no val metric there
     ]
     client.log_batch(run_id, metrics=metrics)
-    history = report.metric_history(client, run_id)
+    history = metric_history(client, run_id)
     assert history["epoch"].tolist() == [0, 1, 2]
     assert history["value"].tolist() == [0.1, 0.25, 0.3]
 
@@ -262,13 +278,13 @@ def test_case_csv_without_dice_is_unusable(tmp_path):
     path = tmp_path / "test_cases.csv"
     path.write_text("case_id,region,iou\nc1,wt,0.5\n")
     with pytest.raises(ValueError, match="missing column"):
-        report.read_case_csv(path)
+        read_case_csv(path)
     path.write_text("case_id,region,dice\n007,WT,0.5\n007,whole,0.4\n")
-    read = report.read_case_csv(path)
+    read = read_case_csv(path)
     assert read[["case_id", "region", "dice"]].to_dict("records") == [
         {"case_id": "007", "region": "wt", "dice": 0.5}
     ]
-    assert read[list(report.CASE_METRICS[1:])].isna().all().all()  # absent metrics are NaN
+    assert read[list(CASE_METRICS[1:])].isna().all().all()  # absent metrics are NaN
 
 
 def test_case_csv_with_every_region_keeps_wt_tc_et(tmp_path):
@@ -289,19 +305,19 @@ def test_case_csv_with_every_region_keeps_wt_tc_et(tmp_path):
     assert set(table.region) == {"wt", "tc", "et", "netc", "snfh", "rc"}
     path = tmp_path / "test_cases.csv"
     table.to_csv(path, index=False)
-    read = report.read_case_csv(path)
+    read = read_case_csv(path)
     assert read.region.tolist() == ["wt", "tc", "et"] * 2
     expected = table[table.region.isin(["wt", "tc", "et"])]
     assert read.dice.tolist() == pytest.approx(expected.dice.tolist())
     assert read.lesion_dice.tolist() == pytest.approx(expected.lesion_dice.tolist())
-    means = report.case_means(read.assign(variant="unet"))
+    means = variant_case_means(read.assign(variant="unet"))
     assert set(means.region) == {"wt", "tc", "et"}
 
 
 def test_paired_test_needs_six_cases():
     a = pd.Series([0.5, 0.6, 0.7, 0.8, 0.9], index=list("abcde"))
     b = pd.Series([0.6, 0.7, 0.8, 0.9, 1.0, 0.1], index=list("abcdef"))
-    out = report.paired_test(a, b)
+    out = paired_test(a, b)
     assert out["n_cases"] == 5 and math.isnan(out["p_value"])
     assert out["median_diff"] == pytest.approx(0.1)
 
@@ -382,7 +398,7 @@ def test_report_on_tiny_training_runs(tmp_path, demo_root):
             for v in ("unet", "attention_unet")
         }  # each variant's mean over its runs, straight from MLflow
         assert summary[column].tolist() == pytest.approx(list(by_variant.values())), column
-    curves = report.learning_curves(MlflowClient(uri), report.runs_frame(runs_of(uri), "test"))
+    curves = learning_curves(MlflowClient(uri), runs_frame(runs_of(uri), "test"))
     assert sorted(curves["epoch"].unique()) == [0, 1]  # debug=tiny: two epochs
     assert len(curves) == 8
     assert (out / "learning_curves.png").stat().st_size > 0
@@ -393,14 +409,14 @@ def test_report_on_tiny_training_runs(tmp_path, demo_root):
 def runs_of(uri: str):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("cmp")
-    return [r for r in client.search_runs([exp.experiment_id]) if report.is_training_run(r)]
+    return [r for r in client.search_runs([exp.experiment_id]) if is_training_run(r)]
 
 
 # ---------------------------------------------------------------- BraTS ranking
 
 
 def means_frame(values: dict[str, dict[str, list[float]]], regions=("wt",)) -> pd.DataFrame:
-    """Case means as ``case_means`` returns them: values[variant][metric] per case."""
+    """Case means as ``variant_case_means`` returns them: values[variant][metric] per case."""
     rows = []
     for variant, metrics in values.items():
         n = len(next(iter(metrics.values())))
@@ -408,9 +424,7 @@ def means_frame(values: dict[str, dict[str, list[float]]], regions=("wt",)) -> p
             for region in regions:
                 row = {"variant": variant, "case_id": f"c{i}", "region": region}
                 rows.append(row | {m: v[i] for m, v in metrics.items()})
-    return pd.DataFrame(rows).reindex(
-        columns=["variant", "case_id", "region", *report.CASE_METRICS]
-    )
+    return pd.DataFrame(rows).reindex(columns=["variant", "case_id", "region", *CASE_METRICS])
 
 
 def test_ranking_ranks_per_case_and_metric_then_averages():
@@ -433,12 +447,12 @@ def test_ranking_ranks_per_case_and_metric_then_averages():
             },
         }
     )
-    assert report.rank_metrics(means) == [("lesion_dice", True), ("lesion_hd95", False)]
-    ranks = report.case_ranks(means, ["a", "b", "c"])
+    assert rank_metrics(means) == [("lesion_dice", True), ("lesion_hd95", False)]
+    ranks = case_ranks(means, ["a", "b", "c"])
     a = ranks[ranks.variant == "a"].set_index(["case_id", "metric"])["rank"]
     assert a[("c1", "lesion_dice")] == 1.5  # a tie shares ranks 1 and 2
     assert a[("c2", "lesion_hd95")] == 1.5 and a[("c0", "lesion_dice")] == 1
-    table = report.ranking_table(ranks, ["a", "b", "c"]).set_index("variant")
+    table = ranking_table(ranks, ["a", "b", "c"]).set_index("variant")
     # a: 1, 1.5, 2 (Dice) + 1, 2, 1.5 (HD95) = 9 / 6; b: 2, 1.5, 1 + 2, 1, 1.5 = 9 / 6; c: 3
     assert table["mean_rank"].to_dict() == pytest.approx({"a": 1.5, "b": 1.5, "c": 3.0})
     assert table["position"].to_dict() == {"a": 1, "b": 1, "c": 3}
@@ -459,18 +473,18 @@ def test_ranking_falls_back_to_dice_and_hd95_and_is_stable_for_a_clear_winner():
         },
         regions=("wt", "tc", "et"),
     )
-    assert report.rank_metrics(means) == [("dice", True), ("hd95", False)]
-    table = report.ranking_table(report.case_ranks(means, ["worst", "best"]), ["worst", "best"])
+    assert rank_metrics(means) == [("dice", True), ("hd95", False)]
+    table = ranking_table(case_ranks(means, ["worst", "best"]), ["worst", "best"])
     assert table["variant"].tolist() == ["best", "worst"]
     assert table.set_index("variant")["p_first"].to_dict() == {"best": 1.0, "worst": 0.0}
-    again = report.ranking_table(report.case_ranks(means, ["worst", "best"]), ["worst", "best"])
+    again = ranking_table(case_ranks(means, ["worst", "best"]), ["worst", "best"])
     pd.testing.assert_frame_equal(table, again)  # seeded bootstrap
 
 
 def test_holm_adjusts_in_order_and_keeps_nan():
-    adjusted = report.holm([0.01, 0.04, 0.03, float("nan")])
+    adjusted = holm([0.01, 0.04, 0.03, float("nan")])
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and np.isnan(adjusted[3])
-    assert report.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
 
 
 def test_report_writes_the_ranking_and_holm_p_values(store, reported, tmp_path):

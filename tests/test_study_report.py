@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from tests.multirun import mlflow_runs, optuna_storage, optuna_sweep, tracking_uri
 from tumorseg.cli.report import main as report_main
-from tumorseg.report.compare import run_cases
+from tumorseg.report.runs import run_cases
 from tumorseg.report.study import paired_difference, rank_agreement
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from tumorseg.core import console
 from tumorseg.core.console import ArgError, Parser
 from tumorseg.core.errors import DataError, first_line
-from tumorseg.report.compare import build_report, log_report, open_client, write_files
+from tumorseg.report.compare import build_report, log_report, write_files
+from tumorseg.report.runs import open_client
 
 PROG = "tumorseg-report"
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # conf/hparams_search's, from the project root

@@ -57,6 +57,7 @@ import pandas as pd
 from tumorseg.core.files import write_atomically
 from tumorseg.core.labels import REGIONS, REGIONS_BY_CONVENTION, from_canonical, to_canonical
 from tumorseg.data.preprocess import bounding_box
+from tumorseg.evaluation.figures import save_region_boxplot
 from tumorseg.evaluation.lesions import (
     REPORTED_INF,
     hd95_from,
@@ -295,22 +296,16 @@ def means_table(summary: pd.DataFrame) -> str:
 
 def save_boxplot(df: pd.DataFrame, path: Path) -> None:
     """Box plot of Dice and HD95 per region, one panel each, as PNG."""
-    # imported here: seaborn and matplotlib are slow to import and only needed for this plot
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    data = df.assign(region=df["region"].str.upper())
-    order = [r.upper() for r in ordered_regions(df["region"])]
-    fig = Figure(figsize=(max(9, 1.5 * len(order)), 4), layout="constrained")
+    regions = ordered_regions(df["region"])
     hd95_column = next(m for m in metrics_of(df) if m.startswith("hd95"))
-    for ax, metric, title in zip(
-        fig.subplots(1, 2), ("dice", hd95_column), ("Dice", "HD95 (mm)"), strict=True
-    ):
-        sns.boxplot(data=data, x="region", y=metric, order=order, ax=ax, color="lightsteelblue")
-        sns.stripplot(data=data, x="region", y=metric, order=order, ax=ax, color="0.2", size=3)
-        ax.set(title=title, xlabel="", ylabel=title)
-    fig.suptitle(f"{df['case_id'].nunique()} cases")
-    fig.savefig(path, format="png", dpi=100)
+    save_region_boxplot(
+        df,
+        path,
+        panels=[("dice", "Dice", "Dice"), (hd95_column, "HD95 (mm)", "HD95 (mm)")],
+        regions=regions,
+        size=(max(9, 1.5 * len(regions)), 4),
+        title=f"{df['case_id'].nunique()} cases",
+    )
 
 
 # ---------------------------------------------------------------- tables and files

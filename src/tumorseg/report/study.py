@@ -36,7 +36,10 @@ import pandas as pd
 
 from tumorseg.core.errors import DataError
 from tumorseg.evaluation.cases import RESAMPLES, SEED, bootstrap_ci
-from tumorseg.report.compare import markdown_table, paired_test, run_cases, write_files
+from tumorseg.report.compare import write_files
+from tumorseg.report.render import markdown_table
+from tumorseg.report.runs import run_cases
+from tumorseg.report.stats import paired_test
 from tumorseg.sweep.runs import best_summary, pareto_table, study_plots, within_noise
 
 if TYPE_CHECKING:
