@@ -19,7 +19,7 @@ import pytest
 from tests import fixtures as fx
 from tumorseg.cli import prepare as prep_cli
 
-SRC = Path(__file__).resolve().parents[1] / "src"  # this checkout's package, not another one
+SRC = Path(__file__).resolve().parents[2] / "src"  # this checkout's package, not another one
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ import pytest
 
 from tumorseg.data.store import open_store, verify_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEGACY = ROOT / "tests" / "fixtures" / "legacy"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())
 CASE = LEGACY / EXPECTED["case"]["folder"]

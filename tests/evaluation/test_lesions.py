@@ -1,6 +1,6 @@
 """Lesion-wise and global BraTS metrics against the official evaluator's numbers.
 
-``tests/data/brats_parity/reference.json`` holds what the official ``BraTS-evaluation``
+``tests/fixtures/brats_parity/reference.json`` holds what the official ``BraTS-evaluation``
 package (``gli`` config) reports for the committed NIfTI pairs; ``scripts/brats_reference.py``
 regenerates it in a venv of its own.
 """
@@ -22,7 +22,7 @@ from tumorseg.core.labels import REGIONS_BY_CONVENTION as REGIONS
 from tumorseg.evaluation import lesions
 from tumorseg.evaluation.lesions import score_case, score_region, surface
 
-DATA = Path(__file__).parent / "data" / "brats_parity"
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "brats_parity"
 REFERENCE = json.loads((DATA / "reference.json").read_text())
 CASES = REFERENCE["cases"]
 ISOTROPIC = [c for c, v in CASES.items() if v["spacing"] == [1.0, 1.0, 1.0]]
