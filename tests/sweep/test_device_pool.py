@@ -15,8 +15,6 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hydra_plugins.tumorseg_optuna_sweeper.config import OptunaSweeperConf
-from hydra_plugins.tumorseg_optuna_sweeper.pool import DevicePool, visible_devices
-from hydra_plugins.tumorseg_optuna_sweeper.sweeper import OptunaSweeper
 from tests.multirun import (
     STAND_IN_TRAINER,
     fail_in_rank,
@@ -26,6 +24,8 @@ from tests.multirun import (
     optuna_storage,
     optuna_sweep,
 )
+from tumorseg.sweep.pool import DevicePool, visible_devices
+from tumorseg.sweep.study import StudySweep
 
 # the job's own environment, read in the job's process when its config resolves
 RECORD = "++tags.cuda_visible_devices=${oc.env:CUDA_VISIBLE_DEVICES,unset}"
@@ -61,20 +61,20 @@ def test_visible_devices(monkeypatch):
 
 def test_auto_is_the_default_and_a_machine_without_gpus_gets_no_pool(monkeypatch):
     assert OptunaSweeperConf().devices == "auto"
-    sweeper = OptunaSweeper()
+    sweeper = StudySweep()  # what the sweeper runs, with its defaults
     assert sweeper.devices == "auto"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible
     sweeper.config = OmegaConf.create({"trainer": {"accelerator": "auto"}})
-    assert sweeper._device_pool(basic=True) is None
-    assert sweeper._jobs(None) == 1  # one trial at a time
+    assert sweeper.device_pool(basic=True) is None
+    assert sweeper.jobs_at_once(None) == 1  # one trial at a time
     sweeper.n_jobs = 3
-    assert sweeper._jobs(None) == 3  # unless n_jobs says otherwise
+    assert sweeper.jobs_at_once(None) == 3  # unless n_jobs says otherwise
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     sweeper.n_jobs = None
-    pool = sweeper._device_pool(basic=True)
-    assert pool.devices == ["4", "5"] and sweeper._jobs(pool) == 2  # one trial per GPU
+    pool = sweeper.device_pool(basic=True)
+    assert pool.devices == ["4", "5"] and sweeper.jobs_at_once(pool) == 2  # one trial per GPU
     sweeper.config = OmegaConf.create({"trainer": {"accelerator": "cpu"}})
-    assert sweeper._device_pool(basic=True) is None  # CPU jobs: no pool
+    assert sweeper.device_pool(basic=True) is None  # CPU jobs: no pool
 
 
 def runs_by_trial(tmp_path: Path) -> dict[int, object]:

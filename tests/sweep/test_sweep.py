@@ -15,14 +15,10 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.tumorseg_optuna_sweeper.sweeper import (
-    outcome_of,
-    render,
-    sampled_override,
-    search_space,
-)
 from tests.conftest import ROOT, run_train
 from tumorseg.sweep.runs import LIVE_TRIALS, OptunaPruning
+from tumorseg.sweep.space import render, sampled_override, search_space
+from tumorseg.sweep.trials import outcome_of
 
 TINY = ["debug=tiny", "test=false"]
 

@@ -19,17 +19,12 @@ from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from hydra_plugins.tumorseg_optuna_sweeper.jobs import SlotClock
-from hydra_plugins.tumorseg_optuna_sweeper.sweeper import (
-    _MISFIT,
-    _fitting,
-    fold_outcome,
-    outcome_of,
-)
 from tests.conftest import ONE_THREAD, ROOT
 from tests.multirun import mlflow_runs, optuna_storage, optuna_sweep
 from tumorseg.core.errors import DataError
 from tumorseg.sweep.objective import Score
+from tumorseg.sweep.space import _MISFIT, _fitting
+from tumorseg.sweep.trials import SlotClock, fold_outcome, outcome_of
 from tumorseg.tracking.registry import study_best_run
 
 APP = ROOT / "tests" / "sweep_app" / "app.py"

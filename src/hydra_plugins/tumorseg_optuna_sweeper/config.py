@@ -1,5 +1,8 @@
 """Structured config of the ``tumorseg_optuna`` sweeper, registered with Hydra's ConfigStore.
 
+A Hydra shell over :mod:`tumorseg.sweep.study`: the fields are the settings of
+:class:`tumorseg.sweep.study.StudySweep`, with their defaults and meaning.
+
 Select it with ``defaults: [override /hydra/sweeper: tumorseg_optuna]``. Samplers and pruners
 are plain ``_target_`` dicts; the groups ``hydra/sweeper/sampler`` (tpe, random, cmaes, nsgaii) and
 ``hydra/sweeper/pruner`` (median, hyperband, threshold, nop) swap them whole.

@@ -18,8 +18,8 @@ not the sweeper's: the Optuna sweeper runs each trial whose trainer starts child
 (:func:`starts_children`) in a fresh process, so a crashed rank fails only its trial.
 
 **Devices.** A parallel sweep gives each job its own devices: the job's process starts with
-``CUDA_VISIBLE_DEVICES`` and ``TUMORSEG_DEVICES`` (the same indices, readable on any machine)
-set; :func:`devices_tag` reports them as the run's ``devices`` tag.
+``CUDA_VISIBLE_DEVICES`` and ``TUMORSEG_DEVICES`` (:data:`.pool.POOL_ENV`: the same indices,
+readable on any machine) set; :func:`devices_tag` reports them as the run's ``devices`` tag.
 
 **The local MLflow store.** Jobs that start at once (the pool, joblib, ``submitit_local``) on a
 fresh SQLite store race on its schema (``duplicate column name``): :class:`TrackingStore`, a Hydra
@@ -41,11 +41,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tumorseg.core.files import folder_lock
+from tumorseg.sweep.pool import POOL_ENV
 
 log = logging.getLogger(__name__)
 
 DDP_JOB_ENV = "TUMORSEG_DDP_JOB"
-POOL_ENV = "TUMORSEG_DEVICES"
 # what Lightning's launcher sets in the parent's environment while it starts the children
 DDP_ENV = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", DDP_JOB_ENV)
 

@@ -1,6 +1,6 @@
 """Optuna trials as training runs: the pruning callback each trial's job runs, and MLflow grouping.
 
-The ``tumorseg_optuna`` Hydra sweeper (``src/hydra_plugins/tumorseg_optuna_sweeper``) adds
+The ``tumorseg_optuna`` Hydra sweeper (:mod:`tumorseg.sweep.study`) adds
 :class:`OptunaPruning` to every job as ``callbacks.optuna_pruning``. With an RDB storage the
 callback reloads the study from the storage, so it works in whatever process runs the job. With
 in-memory storage (``storage: null``) it finds the trial in :data:`LIVE_TRIALS`, which the

@@ -1,22 +1,32 @@
-"""Hydra jobs in parallel processes, each on its own devices: the device pool of parallel sweeps.
+"""How a sweep's Hydra jobs run: in fresh processes on devices of the pool, or through a launcher.
 
-:class:`DevicePool` hands out disjoint sets of device indices. :class:`JobProcesses` runs each
-Hydra job in a fresh spawned process (as Hydra's basic launcher would run it in-process), with
-``CUDA_VISIBLE_DEVICES`` and ``TUMORSEG_DEVICES`` set to the job's devices before the process
-starts, so CUDA in the job sees only those devices, and ``++trainer.devices=<how many>`` added to
-its overrides, so the trainer uses all of them (with ``trainer=ddp``, one DDP process per
-device). A job's devices go back to the pool when its process has exited, however it ended.
-
+:class:`JobProcesses` runs each Hydra job in a fresh spawned process (as Hydra's basic launcher
+would run it in-process), with ``CUDA_VISIBLE_DEVICES`` and ``TUMORSEG_DEVICES``
+(:data:`.pool.POOL_ENV`) set to the job's devices from a :class:`.pool.DevicePool` before the
+process starts, so CUDA in the job sees only those devices, and ``++trainer.devices=<how many>``
+added to its overrides, so the trainer uses all of them (with ``trainer=ddp``, one DDP process
+per device). A job's devices go back to the pool when its process has exited, however it ended.
 One fresh process per job: CUDA reads ``CUDA_VISIBLE_DEVICES`` once per process, and a job that
-runs out of memory or is killed takes only itself down. The Optuna sweeper and the
-``tumorseg_pool`` launcher (plain multiruns) both use this module; it imports nothing heavy, as
-Hydra's plugin scan imports it at every start.
+runs out of memory or is killed takes only itself down.
+
+Hydra's launchers take a list of jobs and return when the last one ends. To keep every slot
+busy, :class:`LauncherThreads` gives each job its own call ``launcher.launch([overrides],
+initial_job_idx=number)`` in a thread of its own: one joblib task, one submitit job (a local
+process or a SLURM job, which submitit polls) per call, ``n_jobs`` calls at once. The launchers
+keep no state between calls but the sweep folder, so concurrent calls do not disturb each other.
+:class:`InlineJobs` runs one job at a time in the sweeper's own process (Hydra's basic launcher).
+
+All three have one interface (``can_start``, ``start``, ``running``, ``wait``, ``stop``), which
+the Optuna sweeper's scheduling loop (:func:`.trials.run_jobs`) drives; :func:`run_multirun` runs
+a plain multirun's jobs on the pool (the ``tumorseg_pool`` launcher). Nothing heavy is imported
+here, as Hydra's plugin scan imports it through the plugins at every start.
 """
 
 import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -25,69 +35,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_ready
+from pathlib import Path
 from typing import Any
 
-from hydra.errors import HydraException
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from omegaconf import OmegaConf
+
+from tumorseg.sweep.pool import POOL_ENV, DevicePool, jobs_at_once, pool_devices
 
 log = logging.getLogger(__name__)
-
-POOL_ENV = "TUMORSEG_DEVICES"  # = tumorseg.sweep.launch.POOL_ENV (not imported: it pulls in torch)
-
-
-def visible_devices(spec: Any) -> list[str]:
-    """The devices a pool spec names: ``auto`` (every visible GPU: the entries of
-    ``CUDA_VISIBLE_DEVICES`` when set, else ``0 .. n-1``), a list of indices, or ``null``
-    (none). Indices stay strings, as ``CUDA_VISIBLE_DEVICES`` takes them (UUIDs too)."""
-    if spec is None or spec == [] or spec == "":
-        return []
-    if spec == "auto":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            return [d.strip() for d in visible.split(",") if d.strip()]
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    if isinstance(spec, (str, int)):
-        spec = [s for s in str(spec).split(",") if s.strip()]
-    devices = [str(d).strip() for d in spec]
-    if len(set(devices)) != len(devices):
-        raise HydraException(f"devices: {devices} lists a device twice")
-    return devices
-
-
-class DevicePool:
-    """Disjoint sets of ``per_job`` devices out of ``devices``, for the jobs running at once."""
-
-    def __init__(self, devices: Sequence[str], per_job: int = 1) -> None:
-        if per_job < 1:
-            raise HydraException(f"devices per job must be >= 1, not {per_job}")
-        if len(devices) < per_job:
-            raise HydraException(
-                f"{per_job} devices per job, but the pool has {len(devices)}: {list(devices)}"
-            )
-        self.devices, self.per_job = list(devices), per_job
-        self.free = list(devices)
-
-    @property
-    def slots(self) -> int:
-        """How many jobs can hold devices at once."""
-        return len(self.devices) // self.per_job
-
-    def available(self) -> bool:
-        return len(self.free) >= self.per_job
-
-    def acquire(self) -> tuple[str, ...]:
-        if not self.available():
-            raise RuntimeError(f"no {self.per_job} free devices (free: {self.free})")
-        taken, self.free = tuple(self.free[: self.per_job]), self.free[self.per_job :]
-        return taken
-
-    def release(self, devices: Sequence[str]) -> None:
-        for device in devices:
-            if device not in self.devices or device in self.free:
-                raise RuntimeError(f"device {device} released twice or not from this pool")
-        # back in pool order, so a released device is the next one handed out
-        self.free = [d for d in self.devices if d in self.free or d in devices]
 
 
 @dataclass
@@ -145,8 +101,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def _job_process(payload: str, number: int, overrides: list[str], conn: Connection, threads: int):
     """Run one Hydra job, as the basic launcher would, and send its result back as
-    ``(value, error, error_text)`` (plain types: Hydra's plugin scan re-imports this module, so
-    its classes are not the ones the sweeper unpickles)."""
+    ``(value, error, error_text)`` (plain types: the sweeper makes its :class:`JobResult`)."""
     import cloudpickle
 
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
@@ -299,3 +254,172 @@ class JobProcesses:
         self.running.remove(r)
         if self.pool is not None:
             self.pool.release(r.devices)
+
+
+# --- jobs through a Hydra launcher ----------------------------------------------------------
+
+
+@dataclass
+class Returned:
+    """One job's end as a launcher reports it: its ``JobReturn``, or the launcher's error."""
+
+    ret: JobReturn | None = None
+    error: BaseException | None = None
+
+    def get(self) -> Any:
+        """The job's return value, or its exception raised (without Hydra's "Error executing
+        job" line, which would be wrong for a pruned trial)."""
+        if self.error is not None:
+            raise self.error
+        if self.ret.status == JobStatus.FAILED:
+            raise self.ret._return_value
+        return self.ret.return_value
+
+
+def _launch_one(launcher: Any, number: int, overrides: Sequence[str]) -> Returned:
+    try:
+        (ret,) = launcher.launch([list(overrides)], initial_job_idx=number)
+    except Exception as err:  # the job did not compose (bad override), or submitit failed
+        return Returned(error=err)
+    return Returned(ret)
+
+
+class LauncherThreads:
+    """Up to ``n_jobs`` jobs at once, each one launcher call in a thread of its own."""
+
+    def __init__(self, launcher: Any, n_jobs: int) -> None:
+        self.launcher, self.n_jobs = launcher, n_jobs
+        self.threads: dict[Any, threading.Thread] = {}
+        self.done: queue.Queue = queue.Queue()
+
+    @property
+    def running(self) -> list[Any]:
+        return list(self.threads)
+
+    def can_start(self) -> bool:
+        return len(self.threads) < self.n_jobs
+
+    def start(self, key: Any, number: int, overrides: list[str]) -> tuple[str, ...]:
+        def run() -> None:
+            try:
+                result = _launch_one(self.launcher, number, overrides)
+            except BaseException as err:  # noqa: BLE001 - the sweeper decides what it means
+                result = Returned(error=err)
+            self.done.put((key, result))
+
+        thread = threading.Thread(target=run, name=f"job-{number}", daemon=True)
+        self.threads[key] = thread
+        thread.start()
+        return ()
+
+    def wait(self) -> list[tuple[Any, Returned]]:
+        """Block until at least one job has ended; their keys and results."""
+        if not self.threads:
+            return []
+        while True:
+            try:  # a timeout, so that Ctrl-C gets through
+                ended = [self.done.get(timeout=1.0)]
+                break
+            except queue.Empty:
+                continue
+        while True:
+            try:
+                ended.append(self.done.get_nowait())
+            except queue.Empty:
+                break
+        for key, _ in ended:
+            self.threads.pop(key).join()
+        return ended
+
+    def stop(self) -> list[Any]:
+        """The sweep stops: forget the running jobs (a launcher call cannot be interrupted; a
+        submitit job goes on until it ends or its time limit)."""
+        keys = list(self.threads)
+        if keys:
+            log.warning("%d jobs still run in the launcher; their trials end FAIL", len(keys))
+        self.threads.clear()
+        return keys
+
+    def __enter__(self) -> "LauncherThreads":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class InlineJobs:
+    """One job at a time, run by the launcher (Hydra's basic one: in this process) on ``wait``."""
+
+    def __init__(self, launcher: Any) -> None:
+        self.launcher = launcher
+        self.queued: list[tuple[Any, int, list[str]]] = []
+
+    @property
+    def running(self) -> list[Any]:
+        return [key for key, _, _ in self.queued]
+
+    def can_start(self) -> bool:
+        return not self.queued
+
+    def start(self, key: Any, number: int, overrides: list[str]) -> tuple[str, ...]:
+        self.queued.append((key, number, overrides))
+        return ()
+
+    def wait(self) -> list[tuple[Any, Returned]]:
+        if not self.queued:
+            return []
+        key, number, overrides = self.queued.pop()
+        return [(key, _launch_one(self.launcher, number, overrides))]
+
+    def stop(self) -> list[Any]:
+        keys, self.queued = self.running, []
+        return keys
+
+    def __enter__(self) -> "InlineJobs":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --- a plain multirun on the pool ------------------------------------------------------------
+
+
+def run_multirun(
+    hydra_context: Any,
+    config: Any,
+    task_function: Any,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    n_jobs: int | None = None,
+    devices: Any = "auto",
+    per_job: int = 1,
+    devices_key: str | None = "trainer.devices",
+) -> list[JobResult]:
+    """Run a multirun's jobs ``n_jobs`` at a time (by default one per device set of the pool),
+    each in a fresh process on its own devices of the pool ``devices``; their results, in the
+    order of ``job_overrides``."""
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    accelerator = OmegaConf.select(config, "trainer.accelerator", default="auto")
+    found = pool_devices(devices, accelerator)
+    pool = DevicePool(found, per_job) if found else None
+    n_jobs = jobs_at_once(n_jobs, pool)
+    where = f" on devices {pool.devices}, {pool.per_job} per job" if pool else ""
+    log.info(f"Launching {len(job_overrides)} jobs, {n_jobs} at a time{where}")
+    if n_jobs > 1:  # as the TrackingStore callback does, for configs without it
+        from tumorseg.sweep.launch import prepare_tracking
+
+        prepare_tracking(config)
+    args = (hydra_context, config, task_function, n_jobs, pool)
+    pending = list(enumerate(job_overrides))
+    results: dict[int, JobResult] = {}
+    with JobProcesses(*args, devices_key) as jobs:
+        while pending or jobs.running:
+            while pending and jobs.can_start():
+                idx, overrides = pending.pop(0)
+                shown = " ".join(filter_overrides(overrides))
+                log.info(f"\t#{initial_job_idx + idx} : {shown}")
+                jobs.start(idx, initial_job_idx + idx, list(overrides))
+            for idx, result in jobs.wait():
+                results[idx] = result
+    return [results[idx] for idx in range(len(job_overrides))]
