@@ -9,6 +9,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import hydra
+
+# Before Hydra or a DDP child configures logging: Lightning then keeps its own console handler
+# (and does not propagate), so each of its lines is printed once, in every process.
+import lightning  # noqa: F401  isort: skip
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tumorseg.config import CONF_DIR
