@@ -3,8 +3,8 @@
 The official evaluator is the ``BraTS-evaluation`` package (built on ``panoptica``). It is
 AGPL-3.0 and pins ``pandas<3`` and ``numpy<2.3``, so it never enters tumorseg's environment:
 this script builds it in a venv of its own, re-runs itself there, scores the fixture pairs in
-``tests/data/brats_parity/`` with the package's ``gli`` config exactly as ``brats-evaluate``
-and ``brats-parse-metrics seg`` do, and writes ``tests/data/brats_parity/reference.json``::
+``tests/fixtures/brats_parity/`` with the package's ``gli`` config exactly as ``brats-evaluate``
+and ``brats-parse-metrics seg`` do, and writes ``tests/fixtures/brats_parity/reference.json``::
 
     python scripts/brats_reference.py                      # venv in /tmp/brats_eval_venv
     python scripts/brats_reference.py --venv ~/venvs/brats --fixtures   # also rewrite fixtures
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "data" / "brats_parity"
+FIXTURES = ROOT / "tests" / "fixtures" / "brats_parity"
 PACKAGES = ("BraTS-evaluation==0.0.10", "panoptica==2.1.7")
 REGIONS = ("netc", "snfh", "et", "rc", "tc", "wt")
 

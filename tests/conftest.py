@@ -92,7 +92,7 @@ def val_dice_of(cfg: DictConfig, ckpt: Path) -> float:
     import hydra
     import lightning as L
 
-    from tumorseg.module import load_checkpoint
+    from tumorseg.training.module import load_checkpoint
 
     trainer = L.Trainer(
         accelerator="cpu",

@@ -1,5 +1,5 @@
 """Validate an untrained, seeded tiny net on the demo with N CPU processes (gloo); rank 0
-writes the pooled ``val/*`` metrics as JSON. Used by tests/test_ddp_validation.py:
+writes the pooled ``val/*`` metrics as JSON. Used by tests/training/test_ddp_validation.py:
 
     python tests/ddp_validate.py DEMO_ROOT WORK_DIR DEVICES OUT_JSON
 """

@@ -1,6 +1,6 @@
 """Headless Chromium on the MLflow UI: the runs table and the compare view, with screenshots.
 
-Used by ``tests/test_mlflow_ui.py``; it also makes the README's screenshots from a running
+Used by ``tests/tracking/test_mlflow_ui.py``; it also makes the README's screenshots from a running
 ``mlflow ui``::
 
     python -m tests.mlflow_browser --url http://127.0.0.1:5000 --output docs/images
@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tumorseg import tracking
+from tumorseg.tracking import client as tracking
 
 FLAGS = (
     "--headless",

@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from tumorseg.data.demo import MODALITIES, make_case  # noqa: E402
+from tumorseg.data.case import MODALITIES  # noqa: E402
+from tumorseg.data.demo import make_case  # noqa: E402
 
 CASES = (("easy", 1), ("brats", 1), ("brats", 7), ("brats", 10))
 # label colours: 1 necrosis / non-enhancing core, 2 edema, 4 enhancing tumour

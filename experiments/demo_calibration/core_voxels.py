@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from plot import lower_grade
 
-from tumorseg.data.nifti import read_nifti
-from tumorseg.evaluation import reference_files
-from tumorseg.labels import to_canonical
+from tumorseg.core.labels import to_canonical
+from tumorseg.data.case import read_nifti
+from tumorseg.evaluation.references import reference_files
 
 # Canonical labels: 0 background, 1 NCR/NET, 2 edema, 3 enhancing tumour.
 NAMES = {0: "background", 1: "core", 2: "edema", 3: "enhancing"}

@@ -29,7 +29,7 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
-from tumorseg.tracking import default_tracking_uri  # noqa: E402
+from tumorseg.tracking.client import default_tracking_uri  # noqa: E402
 
 REGIONS = ("wt", "tc", "et", "mean")
 
@@ -133,9 +133,9 @@ def dice_row(label: str, dice: pd.DataFrame, *extra: str) -> str:
 def lower_grade(folder: Path) -> dict[str, bool]:
     """Per reference case: True when its enhancing tumour is under 15 % of its tumour core
     (segmentations only, found as tumorseg-evaluate finds them)."""
-    from tumorseg.data.nifti import read_nifti
-    from tumorseg.evaluation import reference_files
-    from tumorseg.labels import to_canonical
+    from tumorseg.core.labels import to_canonical
+    from tumorseg.data.case import read_nifti
+    from tumorseg.evaluation.references import reference_files
 
     grade = {}
     for case_id, ref in reference_files(folder).items():

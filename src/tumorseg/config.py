@@ -7,13 +7,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tumorseg.module import out_channels
-from tumorseg.tracking import project_root
+from tumorseg.core.labels import target
+from tumorseg.tracking.client import project_root
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 for _name, _fn in {
-    "out_channels": out_channels,  # ${out_channels:regions} -> 3
+    "out_channels": lambda name: target(name).channels,  # ${out_channels:regions} -> 3
     "cwd": os.getcwd,
     "project_root": lambda: str(project_root()),  # tracking.project_root
 }.items():

@@ -5,18 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import hydra
+
+# Before Hydra or a DDP child configures logging: Lightning then keeps its own console handler
+# (and does not propagate), so each of its lines is printed once, in every process.
+import lightning  # noqa: F401  isort: skip
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tumorseg.config import CONF_DIR
-from tumorseg.console import quiet
-from tumorseg.errors import DataError
-from tumorseg.launch import ddp_child_config, ddp_job, devices_tag
-from tumorseg.precision import auto_precision, uses_gpu
-from tumorseg.timing import timed
-from tumorseg.tracking import git_commit, run_link
+from tumorseg.core.console import quiet
+from tumorseg.core.errors import DataError
+from tumorseg.core.timing import timed
+from tumorseg.sweep.launch import ddp_child_config, ddp_job, devices_tag
+from tumorseg.tracking.client import git_commit, run_link
+from tumorseg.training.precision import auto_precision, uses_gpu
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +32,7 @@ def _is_rank_zero() -> bool:
 
 def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
     """For ``ckpt_path=...``: the run config stored in that checkpoint, and its MLflow run id."""
-    from tumorseg.module import read_checkpoint
+    from tumorseg.training.module import read_checkpoint
 
     path = cfg.ckpt_path
     ckpt = read_checkpoint(path, "cpu")
@@ -50,25 +55,40 @@ def _sweep_tags() -> dict[str, str]:
     return {"sweep": hc.sweep.dir, "sweep_job": str(hc.job.num)}
 
 
+def kept_module(trainer, model, compile: bool = False):
+    """The checkpoint the run kept (Lightning's ``best_model_path``), loaded for inference as
+    ``tumorseg-predict`` loads it; the module in memory when nothing was saved."""
+    from tumorseg.inference.predict import load_for_inference
+
+    ckpt = trainer.checkpoint_callback
+    kept = ckpt.best_model_path if ckpt is not None else ""
+    return load_for_inference(kept, model.device, compile=compile) if kept else model
+
+
+def whole_cases(datamodule, split: str) -> tuple[Iterator, bool]:
+    """A split's whole cases and whether they are normalised: raw, as ``tumorseg-predict``
+    reads them, or the store's volumes when ``data.root`` is a store (its source may be gone)."""
+    cases = datamodule.raw_cases(split)
+    if cases is None:
+        return datamodule.iter_cases(split), True
+    return cases, False
+
+
 @timed("test")
 def run_test_stage(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
     """Predict the test cases volume by volume with the kept checkpoint, from the raw cases as
     ``tumorseg-predict`` would (store volumes when ``data.root`` is a store); log the scores."""
     from itertools import islice
 
-    from tumorseg.case_eval import test_stage
-    from tumorseg.inference import load_for_inference
-    from tumorseg.module import should_compile
+    from tumorseg.evaluation.test_stage import test_stage
+    from tumorseg.training.module import should_compile
 
-    ckpt = trainer.checkpoint_callback
-    kept = ckpt.best_model_path if ckpt is not None else ""  # Lightning's name for the kept one
     compiled = should_compile(cfg.model.get("compile", False), model.device.type, 0)
-    module = load_for_inference(kept, model.device, compile=compiled) if kept else model
-    test_cases, val_cases = datamodule.raw_cases("test"), datamodule.raw_cases("val")
-    normalised = test_cases is None
+    module = kept_module(trainer, model, compiled)
+    test_cases, normalised = whole_cases(datamodule, "test")
+    val_cases, _ = whole_cases(datamodule, "val")
     if normalised:
         log.info("data.root is a store: the test stage predicts its (normalised) volumes")
-        test_cases, val_cases = datamodule.iter_cases("test"), datamodule.iter_cases("val")
     overlays = islice(val_cases, cfg.get("overlay_cases", 2))
     means = test_stage(
         module,
@@ -103,17 +123,11 @@ def _in_multirun() -> bool:
 def validate_cases(cfg: DictConfig, trainer, model, datamodule, logger) -> dict[str, float]:
     """Predict the validation patients volume by volume with the kept checkpoint (the test
     stage's path), log their case-level Dice, its noise and the seconds per case."""
-    from tumorseg.case_eval import case_dice, validation_scores
-    from tumorseg.inference import load_for_inference
+    from tumorseg.evaluation.test_stage import case_dice, validation_scores
 
-    ckpt = trainer.checkpoint_callback
-    kept = ckpt.best_model_path if ckpt is not None else ""
-    module = load_for_inference(kept, model.device) if kept else model
+    module = kept_module(trainer, model)
     module.eval()
-    cases = datamodule.raw_cases("val")
-    normalised = cases is None
-    if normalised:
-        cases = datamodule.iter_cases("val")
+    cases, normalised = whole_cases(datamodule, "val")
     table = case_dice(module, cases, normalised=normalised)
     if table.empty:
         return {}
@@ -134,7 +148,7 @@ def objective(cfg: DictConfig, trainer, measured: dict[str, float], score: Any) 
     """What the run returns to a sweep: a ``Score`` per ``optimized_metric`` (a list for several),
     with its standard error where the run measured one. ``val/dice_mean`` is the kept epoch's
     pooled value (``score``), as the pruner saw it each epoch."""
-    from tumorseg.objective import Score
+    from tumorseg.sweep.objective import Score
 
     names = objective_names(cfg)
     values = []
@@ -159,11 +173,11 @@ def objective(cfg: DictConfig, trainer, measured: dict[str, float], score: Any) 
 
 @timed("logging")
 def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
-    """The kept checkpoint as the run's MLflow model ``model`` (``tumorseg.mlflow_model``),
+    """The kept checkpoint as the run's MLflow model ``model`` (``tumorseg.tracking.mlflow_model``),
     registered as ``registered_model_name`` when that is set."""
     from pathlib import Path
 
-    from tumorseg.registry import log_model
+    from tumorseg.tracking.registry import log_model
 
     ckpt = trainer.checkpoint_callback
     kept = ckpt.best_model_path if ckpt is not None else ""
@@ -176,8 +190,8 @@ def log_kept_model(cfg: DictConfig, trainer, logger) -> None:
 
 def report_phases(phases, logger, trainer) -> None:
     """Where the run's time went: a table on the console and ``time/*`` metrics in MLflow
-    (rank 0; ``tumorseg.timing``)."""
-    from tumorseg import timing
+    (rank 0; ``tumorseg.core.timing``)."""
+    from tumorseg.core import timing
 
     values = phases.finish()
     timing.end()
@@ -190,13 +204,13 @@ def report_phases(phases, logger, trainer) -> None:
 
 def run(cfg: DictConfig) -> Any:
     """Train (and test) as ``cfg`` says; returns the kept checkpoint's ``optimized_metric``
-    (``tumorseg.objective.Score``; a list of them for several metrics), ``val/dice_mean`` by
+    (``tumorseg.sweep.objective.Score``; a list of them for several metrics), ``val/dice_mean`` by
     default (its epoch's; ``conf/callbacks/default.yaml`` says which epoch a run keeps). In a
     multirun, or when a metric needs it, the validation patients are also predicted volume by
     volume (``val/case_dice_*``, the objective's standard error, ``predict/seconds_per_case``)."""
     import lightning as L
 
-    from tumorseg import timing
+    from tumorseg.core import timing
 
     phases = timing.begin()
     quiet()
@@ -220,6 +234,7 @@ def run(cfg: DictConfig) -> Any:
         datamodule.prepare_data()
     model = hydra.utils.instantiate(cfg.model)
     model.config = config
+    model.preprocessing = datamodule.preprocessing()  # the store's, which checkpoints record
     callbacks = [hydra.utils.instantiate(c) for c in cfg.get("callbacks", {}).values() if c]
 
     logger = None

@@ -10,7 +10,7 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from tumorseg.objective import Score
+from tumorseg.sweep.objective import Score
 
 
 @hydra.main(version_base="1.3", config_path=".", config_name="app")

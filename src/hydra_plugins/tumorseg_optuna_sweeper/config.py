@@ -1,5 +1,8 @@
 """Structured config of the ``tumorseg_optuna`` sweeper, registered with Hydra's ConfigStore.
 
+A Hydra shell over :mod:`tumorseg.sweep.study`: the fields are the settings of
+:class:`tumorseg.sweep.study.StudySweep`, with their defaults and meaning.
+
 Select it with ``defaults: [override /hydra/sweeper: tumorseg_optuna]``. Samplers and pruners
 are plain ``_target_`` dicts; the groups ``hydra/sweeper/sampler`` (tpe, random, cmaes, nsgaii) and
 ``hydra/sweeper/pruner`` (median, hyperband, threshold, nop) swap them whole.
@@ -60,7 +63,7 @@ class OptunaSweeperConf:
     pruner: Any = None
     monitor: str = "val/dice_mean"  # metric the pruning callback reports each epoch
     # added to every job as ++<callback_key>={_target_: <callback>, ...}; null: no pruning
-    callback: str | None = "tumorseg.sweep.OptunaPruning"
+    callback: str | None = "tumorseg.sweep.runs.OptunaPruning"
     callback_key: str = "callbacks.optuna_pruning"
     tags_key: str | None = "tags"  # job config dict of MLflow tags; gets optuna_study/trial
     mlflow: bool = True  # parent run per study, optuna_state tags, plots (needs logger.mlflow)

@@ -1,4 +1,5 @@
-"""The ``tumorseg_pool`` launcher: a plain multirun's jobs in parallel, each on its own devices.
+"""The ``tumorseg_pool`` launcher: a Hydra shell over :mod:`tumorseg.sweep.runners` (and
+:mod:`tumorseg.sweep.pool`), a plain multirun's jobs in parallel, each on its own devices.
 
 ``python train.py -m model=unet,attention_unet,residual_unet hydra/launcher=tumorseg_pool``
 runs one job per device set of the pool at once (``devices: auto``, every visible GPU, one per
@@ -10,22 +11,15 @@ still runs them in parallel processes.
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from hydra_plugins.tumorseg_optuna_sweeper.pool import (
-    DevicePool,
-    JobFailed,
-    JobProcesses,
-    JobResult,
-    visible_devices,
-)
+from tumorseg.sweep.runners import JobFailed, run_multirun
 
 log = logging.getLogger(__name__)
 
@@ -65,44 +59,24 @@ class PoolLauncher(Launcher):
     ) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
-    def pool(self) -> DevicePool | None:
-        accelerator = str(OmegaConf.select(self.config, "trainer.accelerator", default="auto"))
-        if self.devices is None or (self.devices == "auto" and accelerator == "cpu"):
-            return None
-        devices = visible_devices(self.devices)
-        return DevicePool(devices, self.devices_per_job) if devices else None
-
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        pool = self.pool()
-        n_jobs = self.n_jobs or (pool.slots if pool else 1)
-        if pool is not None:
-            n_jobs = min(n_jobs, pool.slots)
-        where = f" on devices {pool.devices}, {pool.per_job} per job" if pool else ""
-        log.info(f"Launching {len(job_overrides)} jobs, {n_jobs} at a time{where}")
-        if n_jobs > 1:  # as the TrackingStore callback does, for configs without it
-            from tumorseg.launch import prepare_tracking
-
-            prepare_tracking(self.config)
-        args = (self.hydra_context, self.config, self.task_function, n_jobs, pool)
-        pending = list(enumerate(job_overrides))
-        results: dict[int, JobResult] = {}
-        with JobProcesses(*args, self.devices_key) as jobs:
-            while pending or jobs.running:
-                while pending and jobs.can_start():
-                    idx, overrides = pending.pop(0)
-                    shown = " ".join(filter_overrides(overrides))
-                    log.info(f"\t#{initial_job_idx + idx} : {shown}")
-                    jobs.start(idx, initial_job_idx + idx, list(overrides))
-                for idx, result in jobs.wait():
-                    results[idx] = result
+        results = run_multirun(
+            self.hydra_context,
+            self.config,
+            self.task_function,
+            job_overrides,
+            initial_job_idx,
+            n_jobs=self.n_jobs,
+            devices=self.devices,
+            per_job=self.devices_per_job,
+            devices_key=self.devices_key,
+        )
         returns = []
-        for idx, overrides in enumerate(job_overrides):
-            result = results[idx]
+        for idx, (overrides, result) in enumerate(zip(job_overrides, results, strict=True)):
             ret = JobReturn(overrides=list(overrides))
             if result.error_text:
                 ret.status = JobStatus.FAILED

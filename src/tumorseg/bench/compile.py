@@ -5,7 +5,7 @@ AdamW) eager and under ``torch.compile``, interleaved in one run.
 ``python -m tumorseg.bench.compile [--steps 60]`` prints the compile time (TorchDynamo's own
 count for the training graph and the eval-mode graph), the median step times (eager and compiled
 steps alternate), the gain per step and the break-even point in steps: the number
-``tumorseg.module.COMPILE_MIN_STEPS_CPU`` is derived from.
+``tumorseg.training.module.COMPILE_MIN_STEPS_CPU`` is derived from.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from tumorseg.losses import RegionLoss
 from tumorseg.models import UNet
-from tumorseg.precision import cpu_has_bf16
+from tumorseg.training.losses import RegionLoss
+from tumorseg.training.precision import cpu_has_bf16
 
 FEATURES = [16, 32, 64, 128]  # conf/model/unet.yaml
 
@@ -67,12 +67,14 @@ def cpu_timed(fn) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="tumorseg-bench compile", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each (60)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=128)
     args = parser.parse_args(argv)
-    from tumorseg.timing import compile_seconds
+    from tumorseg.core.timing import compile_seconds
 
     bf16 = cpu_has_bf16()
     torch.manual_seed(0)

@@ -40,12 +40,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
+from tumorseg.core.files import write_atomically
 from tumorseg.data.store import IMAGES, LABELS, is_complete
-from tumorseg.outputs import write_atomically
 
-PROG = "tumorseg-bench-data"
+PROG = "tumorseg-bench data"
 # --augment: the recipe of conf/data/brats.yaml
 AUGMENT = {"flip_x": 0.5, "flip_y": 0.5, "p_spatial": 0.3, "p_intensity": 0.3, "p_gamma": 0.3}
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class H5Slices(Dataset):
     """One Kaggle slice file per item: ``image (4, H, W) float32``, canonical ``labels (H, W)``."""
 
     def __init__(self, paths: list[Path], channel_order: tuple[str, ...]) -> None:
-        from tumorseg.data.nifti import MODALITIES
+        from tumorseg.data.case import MODALITIES
 
         self.paths = paths
         self.order = [channel_order.index(m) for m in MODALITIES]
@@ -391,10 +391,10 @@ def run(args: argparse.Namespace, work: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    args = console.start(PROG, lambda: console.checked(build_parser(), check_args, argv))
     if isinstance(args, int):
         return args
-    from tumorseg.errors import DataError
+    from tumorseg.core.errors import DataError
 
     temporary = args.work is None  # a --work folder is kept for reruns
     work = Path(tempfile.mkdtemp(prefix="tumorseg-bench-")) if temporary else args.work
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = run(args, work)
     except DataError as err:
-        cli.error(PROG, str(err))
+        console.error(PROG, str(err))
         return 2
     finally:
         if temporary and not args.keep:

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tumorseg import cli
 from tumorseg.bench.inference import best_times, default_module, demo_case, describe
-from tumorseg.cli import Parser
-from tumorseg.errors import DataError
-from tumorseg.export import OnnxRunner, export
-from tumorseg.inference import load_for_inference, predict_case
+from tumorseg.core import console
+from tumorseg.core.console import Parser
+from tumorseg.core.errors import DataError
+from tumorseg.inference.export import OnnxRunner, export
+from tumorseg.inference.predict import load_for_inference, predict_case
 
-PROG = "python -m tumorseg.bench.export"
+PROG = "tumorseg-bench export"
 
 
 def bench(checkpoint: Path | None, repeats: int, batch_size: int) -> str:
@@ -71,15 +71,15 @@ def bench(checkpoint: Path | None, repeats: int, batch_size: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog=PROG, description="onnxruntime against torch fp32 and bf16 on one case")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT")
-    parser.add_argument("--repeats", type=cli.count(1), default=3, metavar="N")
-    parser.add_argument("--batch-size", type=cli.count(1), default=32, metavar="B")
-    args = cli.start(PROG, lambda: parser.parse_args(argv))
+    parser.add_argument("--repeats", type=console.count(1), default=3, metavar="N")
+    parser.add_argument("--batch-size", type=console.count(1), default=32, metavar="B")
+    args = console.start(PROG, lambda: parser.parse_args(argv))
     if isinstance(args, int):
         return args
     try:
         print(bench(args.checkpoint, args.repeats, args.batch_size))
     except DataError as err:
-        cli.error(PROG, str(err))
+        console.error(PROG, str(err))
         return 2
     return 0
 

@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from tumorseg.bench.training import cpu_name
-from tumorseg.data.nifti import Case
+from tumorseg.core.labels import target
+from tumorseg.data.case import Case
 from tumorseg.data.preprocess import NetInput, from_net, net_shape, to_net
 from tumorseg.data.readers import list_cases
-from tumorseg.inference import (
+from tumorseg.inference.predict import (
     autocast_dtype,
     load_for_inference,
     pick_device,
@@ -27,9 +28,8 @@ from tumorseg.inference import (
     segmentation_image,
     size_step,
 )
-from tumorseg.labels import target
-from tumorseg.module import SegModule
-from tumorseg.precision import cpu_has_bf16
+from tumorseg.training.module import SegModule
+from tumorseg.training.precision import cpu_has_bf16
 
 
 def predict_case_naive(module: SegModule, net: torch.nn.Module, case: Case) -> np.ndarray:
@@ -155,3 +155,19 @@ def bench(checkpoint: Path | None, device: str, repeats: int, batch_size: int) -
             f"| {name} | {batch} | {precision} | {tta} | {sec:.2f} | {seconds[0] / sec:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tumorseg-bench inference [--checkpoint CKPT] [--device auto] [--repeats 5]``."""
+    from tumorseg.core import console
+
+    parser = console.Parser(prog="tumorseg-bench inference", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="a trained .ckpt (default: random U-Net)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--repeats", type=console.count(1), default=5, help="timed rounds (5)")
+    parser.add_argument("--batch-size", type=console.count(1), default=32, help="slices (32)")
+    args = console.start(parser.prog, lambda: parser.parse_args(argv))
+    if isinstance(args, int):
+        return args
+    print(bench(args.checkpoint, args.device, args.repeats, args.batch_size))
+    return 0

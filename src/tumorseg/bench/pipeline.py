@@ -1,7 +1,7 @@
 """Seconds per case of ``tumorseg-predict`` on a folder, reading and writing included: cases one
 after another through the path as it was before (sigmoid probabilities mapped back, batch 32)
-next to the command's own (``cli.predict.segment``: reader and writer threads where there are
-spare cores, ``spare_cores``), in interleaved rounds.
+next to the command's own (``tumorseg.inference.folder.segment``: reader and writer threads
+where there are spare cores, ``spare_cores``), in interleaved rounds.
 
 ``python -m tumorseg.bench.pipeline [--cases 4] [--rounds 3] [--batch-size 32]``: the default
 U-Net with random weights on generated demo cases (240x240x155); prints the best and median
@@ -11,6 +11,8 @@ seconds per case of each, and the fraction of voxels whose labels differ between
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import tempfile
@@ -22,12 +24,12 @@ import numpy as np
 import torch
 
 from tumorseg.bench.inference import default_module
-from tumorseg.cli.predict import spare_cores
-from tumorseg.data.nifti import Case
+from tumorseg.core.labels import from_canonical, target
+from tumorseg.data.case import Case
 from tumorseg.data.preprocess import NetInput
 from tumorseg.data.readers import list_cases
-from tumorseg.inference import autocast_dtype, segmentation_image, slice_probs
-from tumorseg.labels import from_canonical, target
+from tumorseg.inference.folder import spare_cores
+from tumorseg.inference.predict import autocast_dtype, segmentation_image, slice_probs
 
 
 def predict_case_before(module, case: Case, batch_size: int = 32) -> np.ndarray:
@@ -58,21 +60,17 @@ def sequential(module, folder: Path, out: Path) -> None:
 
 def pipelined(module, folder: Path, out: Path, batch_size: int) -> None:
     """The folder through ``tumorseg-predict``'s pipeline."""
-    from tumorseg.cli.predict import build_parser, plan, segment
+    from tumorseg.inference.folder import Request, plan, segment
 
-    args = build_parser().parse_args(
-        ["--checkpoint", "x", "--input", str(folder), "--output", str(out), "--quiet"]
-        + ["--batch-size", str(batch_size)]
-    )
-    import contextlib
-    import io
-
+    args = Request(input=folder, output=out, batch_size=batch_size, quiet=True)
     with contextlib.redirect_stdout(io.StringIO()):
         segment(args, plan(args), module)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="tumorseg-bench pipeline", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -1,6 +1,6 @@
 """Scoring speed: one 240x240x155 case, regions WT, TC and ET, global Dice, NSD and HD95 plus
-lesion-wise metrics, with distances inside bounding boxes (``tumorseg.lesions``) next to the
-same computation on the whole volume, in one run, on one CPU core::
+lesion-wise metrics, with distances inside bounding boxes (``tumorseg.evaluation.lesions``)
+next to the same computation on the whole volume, in one run, on one CPU core::
 
     python -m tumorseg.bench.scoring --repeats 5 --output bench_scoring.md
 
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.lesions import REGIONS, score_case
+from tumorseg.core.labels import REGIONS
+from tumorseg.evaluation.lesions import score_case
 
 SHAPE = (240, 240, 155)
-THREE = {name: REGIONS["canonical"][name] for name in ("wt", "tc", "et")}
 
 
 def _ellipsoid(seg: np.ndarray, centre, radii, label: int, rng: np.random.Generator) -> None:
@@ -76,10 +76,10 @@ def run(repeats: int = 5, repeats_whole: int = 1) -> str:
     spacing = (1.0, 1.0, 1.0)
 
     def cropped():
-        return score_case(pred, ref, spacing, THREE)
+        return score_case(pred, ref, spacing, REGIONS)
 
     def whole():
-        return score_case(pred, ref, spacing, THREE, crop=False)
+        return score_case(pred, ref, spacing, REGIONS, crop=False)
 
     cropped()  # warm-up
     wall_crop, cpu_crop, a = best_seconds(cropped, repeats)
@@ -115,7 +115,7 @@ def run(repeats: int = 5, repeats_whole: int = 1) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tumorseg.bench.scoring", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tumorseg-bench scoring", description=__doc__)
     parser.add_argument("--repeats", type=int, default=5, help="timed cropped runs (best kept)")
     parser.add_argument("--repeats-whole", type=int, default=1, help="timed whole-volume runs")
     parser.add_argument("--output", type=Path, help="also write the report to this file")

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
-from tumorseg.losses import RegionLoss
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
 from tumorseg.models import AttentionUNet, ResidualUNet, UNet
-from tumorseg.precision import cpu_has_bf16
+from tumorseg.training.losses import RegionLoss
+from tumorseg.training.precision import cpu_has_bf16
 
-PROG = "tumorseg-bench"
+PROG = "tumorseg-bench training"
 VARIANTS: dict[str, type[nn.Module]] = {
     "unet": UNet,
     "attention_unet": AttentionUNet,
@@ -298,7 +298,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``tumorseg-bench [--variants ...] [--sizes 128,240] [--output FILE]``."""
-    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    args = console.start(PROG, lambda: console.checked(build_parser(), check_args, argv))
     if isinstance(args, int):
         return args
 

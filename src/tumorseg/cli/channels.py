@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tumorseg import cli
-from tumorseg.cli import Parser
+from tumorseg.core import console
+from tumorseg.core.console import Parser
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import CONVENTIONS, MASK_ORDER
+from tumorseg.data.case import MODALITIES
 from tumorseg.data.channels import channel_report
-from tumorseg.data.nifti import MODALITIES
 from tumorseg.data.readers import FORMATS
-from tumorseg.errors import DataError
-from tumorseg.labels import CONVENTIONS, MASK_ORDER
 
 PROG = "tumorseg-channels"
 
@@ -30,7 +30,7 @@ def build_parser() -> Parser:
     add = parser.add_argument
     add("--input", type=Path, required=True, help="data set folder")
     add("--format", choices=("auto", *FORMATS), default="auto", help="source format (auto)")
-    add("--cases", type=cli.count(1), default=5, help="number of cases to look at (default 5)")
+    add("--cases", type=console.count(1), default=5, help="number of cases to look at (default 5)")
     add(
         "--channel-order",
         type=names,
@@ -49,7 +49,7 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``tumorseg-channels --input DIR [--format F] [--cases N] ...``."""
-    args = cli.start(PROG, lambda: build_parser().parse_args(argv))
+    args = console.start(PROG, lambda: build_parser().parse_args(argv))
     if isinstance(args, int):
         return args
     try:
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             args.input, args.format, args.cases, args.channel_order, args.labels, args.mask_order
         )
     except (DataError, OSError) as err:
-        cli.error(PROG, str(err).replace("\n", " "))
+        console.error(PROG, str(err).replace("\n", " "))
         return 2
     print(report)
     return 0

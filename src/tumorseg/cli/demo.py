@@ -10,8 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
 from tumorseg.data.demo import DIFFICULTIES, DemoError, case_complete, case_id, write_demo
 
 PROG = "tumorseg-demo"
@@ -45,7 +45,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``tumorseg-demo --output DIR --cases N --seed S``."""
-    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    args = console.start(PROG, lambda: console.checked(build_parser(), check_args, argv))
     if isinstance(args, int):
         return args
     start = time.perf_counter()
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             args.output, args.cases, args.seed, not args.quiet, difficulty=args.difficulty
         )
     except DemoError as err:
-        cli.error(PROG, str(err))
+        console.error(PROG, str(err))
         return 2
     except OSError as err:
-        cli.error(PROG, f"cannot write to {args.output}: {err}")
+        console.error(PROG, f"cannot write to {args.output}: {err}")
         return 1
     seconds = time.perf_counter() - start
     print(

@@ -21,7 +21,7 @@ metric and region), ``metrics_boxplot.png`` (Dice and HD95 per region) and
 ``metrics_lesions.csv`` (one row per matched, missed or false lesion), all atomically, and
 prints the means. ``--hd95 pooled|max`` picks the HD95 convention (``max`` names the columns
 ``hd95_max``...); ``--nsd-tolerance MM`` sets the NSD tolerance (default: the official
-evaluator's, see ``tumorseg.lesions``).
+evaluator's, see ``tumorseg.evaluation.lesions``).
 Both CSVs name the convention in their last column, ``hd95_convention``.
 ``--mlflow-run ID`` also logs the means as ``case/<metric>_<region>``, the tag
 ``hd95_convention`` (``pooled`` or ``max``) and the files as artifacts of that run.
@@ -29,8 +29,9 @@ Both CSVs name the convention in their last column, ``hd95_convention``.
 sits in a data set with images (BraTS 2020/2021 or 2023+ case folders, MSD), with the FLAIR
 as ``tumorseg-prepare`` reads it.
 
-Finding references, label conventions and reading the files are ``tumorseg.evaluation``'s;
-metrics, empty-mask rules and the HD95 convention are ``tumorseg.scoring``'s.
+Finding references, label conventions and reading the files are
+``tumorseg.evaluation.references``'s; metrics, empty-mask rules and the HD95 convention are
+``tumorseg.evaluation.cases``'s.
 """
 
 from __future__ import annotations
@@ -39,12 +40,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
-from tumorseg.errors import DataError
-from tumorseg.evaluation import Pair, mlflow_client, overlay_writers, paired_cases, score_all
-from tumorseg.labels import CONVENTIONS
-from tumorseg.scoring import (
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import CONVENTIONS
+from tumorseg.evaluation.cases import (
     HD95_CONVENTIONS,
     log_to_mlflow,
     means_table,
@@ -52,6 +52,8 @@ from tumorseg.scoring import (
     summarise,
     write_outputs,
 )
+from tumorseg.evaluation.references import Pair, overlay_writers, paired_cases, score_all
+from tumorseg.tracking.client import run_client
 
 PROG = "tumorseg-evaluate"
 
@@ -102,7 +104,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def error(message: str) -> None:
-    cli.error(PROG, message)
+    console.error(PROG, message)
 
 
 def select_pairs(args: argparse.Namespace) -> tuple[list[Pair], dict[str, str]]:
@@ -124,17 +126,17 @@ def select_pairs(args: argparse.Namespace) -> tuple[list[Pair], dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns 0, 2 for bad input (nothing written) or 1 if writing fails."""
-    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    args = console.start(PROG, lambda: console.checked(build_parser(), check_args, argv))
     if isinstance(args, int):
         return args
 
-    # imported here: tumorseg.tracking imports Lightning, slow and not needed otherwise
-    from tumorseg.tracking import tracking_uri
+    # imported here: tumorseg.tracking.client imports Lightning, slow and not needed otherwise
+    from tumorseg.tracking.client import tracking_uri
 
     paths = output_paths(args.output)
     uri = tracking_uri(args.tracking_uri)
     try:
-        client = mlflow_client(args.mlflow_run, uri) if args.mlflow_run else None
+        client = run_client(args.mlflow_run, uri) if args.mlflow_run else None
         pairs, skipped = select_pairs(args)
         df, lesions = score_all(
             pairs,

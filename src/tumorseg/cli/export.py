@@ -2,7 +2,7 @@
 
 ``tumorseg-export --checkpoint CKPT | --run RUN_ID | --model URI --format onnx|torchscript
 --output FILE`` writes the net with its input size, preprocessing and label convention in the
-file's metadata (``tumorseg.export``). ``--run`` takes the run's kept checkpoint from its
+file's metadata (``tumorseg.inference.export``). ``--run`` takes the run's kept checkpoint from its
 ``checkpoints/`` artifacts; ``--model`` an MLflow model (``runs:/<run_id>/model``,
 ``models:/<name>@<alias>``); both from ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
 the project's local store. Bad input prints one line and exits 2; nothing is written.
@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
-from tumorseg.errors import DataError
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
+from tumorseg.core.errors import DataError
 
 PROG = "tumorseg-export"
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".ts", ".torchscript")}
@@ -60,18 +60,18 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns 0, 2 for bad input (nothing written) or 1 if writing fails."""
-    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    args = console.start(PROG, lambda: console.checked(build_parser(), check_args, argv))
     if isinstance(args, int):
         return args
-    from tumorseg.export import export
-    from tumorseg.inference import load_for_inference
-    from tumorseg.tracking import default_tracking_uri
+    from tumorseg.inference.export import export
+    from tumorseg.inference.predict import load_for_inference
+    from tumorseg.tracking.client import default_tracking_uri
 
     try:
         if args.checkpoint is not None:
             module = load_for_inference(args.checkpoint, "cpu", args.trust_checkpoint)
         else:
-            from tumorseg.registry import resolve_checkpoint, temp_dir
+            from tumorseg.tracking.registry import resolve_checkpoint, temp_dir
 
             uri = args.tracking_uri or default_tracking_uri()
             with temp_dir() as tmp:
@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                 module = load_for_inference(ckpt, "cpu", args.trust_checkpoint)
         export(module, args.format, args.output, args.checkpoint or args.run or args.model)
     except DataError as err:
-        cli.error(PROG, str(err))
+        console.error(PROG, str(err))
         return 2
     except OSError as err:
-        cli.error(PROG, f"cannot write: {err}")
+        console.error(PROG, f"cannot write: {err}")
         return 1
     print(f"wrote {args.output}")
     return 0

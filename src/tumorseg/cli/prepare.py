@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
-from tumorseg.data.nifti import MODALITIES
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import MASK_ORDER, check_mask_order
+from tumorseg.data.case import MODALITIES
 from tumorseg.data.prepare import check_options, prepare
 from tumorseg.data.store import DTYPES, is_complete
-from tumorseg.errors import DataError
-from tumorseg.labels import MASK_ORDER, check_mask_order
 
 PROG = "tumorseg-prepare"
 
@@ -75,7 +75,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; exit 0 done, 2 bad arguments or bad input, 1 cannot write."""
-    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    args = console.start(PROG, lambda: console.checked(build_parser(), check_args, argv))
     if isinstance(args, int):
         return args
     logging.getLogger().setLevel(logging.ERROR)
@@ -99,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
         )
     except DataError as err:
-        cli.error(PROG, str(err))
+        console.error(PROG, str(err))
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except OSError as err:
-        cli.error(PROG, f"{err.filename or dst}: {err.strerror or err}")
+        console.error(PROG, f"{err.filename or dst}: {err.strerror or err}")
         return 1
     for bad in manifest["skipped"]:
         print(f"skipped {bad['id']}: {bad['reason']}")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
-from tumorseg.errors import DataError
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
+from tumorseg.core.errors import DataError
 
 PROG = "tumorseg-register"
 
@@ -40,18 +40,18 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = cli.start(PROG, lambda: cli.checked(build_parser(), check_args, argv))
+    args = console.start(PROG, lambda: console.checked(build_parser(), check_args, argv))
     if isinstance(args, int):
         return args
-    from tumorseg.registry import register_run, study_best_run
-    from tumorseg.tracking import default_tracking_uri
+    from tumorseg.tracking.client import default_tracking_uri
+    from tumorseg.tracking.registry import register_run, study_best_run
 
     uri = args.tracking_uri or default_tracking_uri()
     try:
         run_id = args.run or study_best_run(args.study, uri, args.trial)
         version = register_run(run_id, args.name, uri, args.alias or None)
     except DataError as err:
-        cli.error(PROG, str(err))
+        console.error(PROG, str(err))
         return 2
     uri = f"models:/{args.name}" + (f"@{args.alias}" if args.alias else f"/{version.version}")
     print(f"registered run {run_id} as {args.name} version {version.version}: {uri}")

@@ -1,6 +1,6 @@
 """``tumorseg-report``: compare model variants from their MLflow runs (see
-``tumorseg.comparison`` for what is read and written), or a study's best trial with its
-baseline on the test patients (``tumorseg.study_report``)::
+``tumorseg.report.compare`` for what is read and written), or a study's best trial with its
+baseline on the test patients (``tumorseg.report.study``)::
 
     tumorseg-report --experiment variant_comparison --output experiments/variant_comparison
     tumorseg-report --study tumorseg-unet [--storage sqlite:///mlruns/optuna.db] [--trial N]
@@ -12,10 +12,11 @@ import argparse
 import os
 from pathlib import Path
 
-from tumorseg import cli
-from tumorseg.cli import ArgError, Parser
-from tumorseg.comparison import build_report, log_report, open_client, write_files
-from tumorseg.errors import DataError, first_line
+from tumorseg.core import console
+from tumorseg.core.console import ArgError, Parser
+from tumorseg.core.errors import DataError, first_line
+from tumorseg.report.compare import build_report, log_report, write_files
+from tumorseg.report.runs import open_client
 
 PROG = "tumorseg-report"
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"  # conf/hparams_search's, from the project root
@@ -63,18 +64,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def error(message: str) -> None:
-    cli.error(PROG, message)
+    console.error(PROG, message)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns 0, 2 for bad input (nothing written) or 1 if writing fails."""
-    args = cli.start(PROG, lambda: parse_args(argv))
+    args = console.start(PROG, lambda: parse_args(argv))
     if isinstance(args, int):
         return args
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-    # imported here: tumorseg.tracking imports Lightning, slow and not needed otherwise
-    from tumorseg.tracking import tracking_uri
+    # imported here: tumorseg.tracking.client imports Lightning, slow and not needed otherwise
+    from tumorseg.tracking.client import tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     if args.study:
@@ -108,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 def study_main(args: argparse.Namespace, uri: str) -> int:
     """``--study``: the best trial against trial 0 on the test patients, and the rank
     agreement of the objective with the test Dice."""
-    from tumorseg.study_report import build_study_report, load_study, log_to_parent
-    from tumorseg.study_report import write_study_files as write
+    from tumorseg.report.study import build_study_report, load_study, log_to_parent
+    from tumorseg.report.study import write_study_files as write
 
     try:
         client = open_client(uri)

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import MASK_LABELS, MASK_ORDER, check_mask_order
+from tumorseg.data.case import MODALITIES, Case
 from tumorseg.data.preprocess import zscore
 from tumorseg.data.readers import list_cases
-from tumorseg.errors import DataError
-from tumorseg.labels import MASK_LABELS, MASK_ORDER, check_mask_order
 
-REGIONS = ("brain", "NCR", "ED", "ET")  # background brain, then canonical labels 1, 2, 3
+TISSUES = ("brain", "NCR", "ED", "ET")  # background brain, then canonical labels 1, 2, 3
 
 
 def region_sums(case: Case) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +77,7 @@ def verdict(guess: tuple[str, ...] | None, configured: tuple[str, ...], cases: i
 
 def table(means: np.ndarray, configured: tuple[str, ...]) -> str:
     """Fixed-width table: one row per stored channel, one column per region."""
-    lines = [f"{'channel':>7}  {'configured':<10}" + "".join(f"{r:>8}" for r in REGIONS)]
+    lines = [f"{'channel':>7}  {'configured':<10}" + "".join(f"{r:>8}" for r in TISSUES)]
     for k, name in enumerate(configured):
         cells = "".join("     n/a" if np.isnan(v) else f"{v:8.2f}" for v in means[k])
         lines.append(f"{k:>7}  {name:<10}{cells}")

@@ -19,10 +19,15 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
-from tumorseg.data.nifti import MODALITIES, Case
-from tumorseg.data.preprocess import SKIP_EMPTY, Preprocessing, keep_slices, resize_batch
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import MASK_ORDER
+from tumorseg.core.timing import phase
+from tumorseg.data.case import MODALITIES, Case
+from tumorseg.data.datasets import ForegroundSampler, StoreSlices, eval_sampler, keep_batch
+from tumorseg.data.preprocess import SKIP_EMPTY, Preprocessing, keep_slices
+from tumorseg.data.splits import SPLITS, kfold_cases, split_cases
 from tumorseg.data.store import (
     MANIFEST,
     SPLITS_FILE,
@@ -33,156 +38,9 @@ from tumorseg.data.store import (
     write_json,
 )
 from tumorseg.data.transforms import Augment
-from tumorseg.errors import DataError
-from tumorseg.labels import MASK_ORDER
-from tumorseg.timing import phase
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
-__all__ = ["BratsDataModule", "resize_batch", "split_cases"]
-
-
-# ---------------------------------------------------------------- splits
-
-
-def split_cases(
-    case_ids: Sequence[str],
-    val: float,
-    test: float,
-    seed: int,
-    fold: int | None = None,
-    folds: int = 5,
-) -> dict[str, list[str]]:
-    """Seeded split of patients into train/val/test; every case lands in exactly one split.
-
-    The test cases are drawn first. Without ``fold``, ``val`` of the cases go to validation;
-    with ``fold = k``, the other cases are dealt into ``folds`` folds and fold ``k`` validates.
-    """
-    n = len(case_ids)
-    n_test = max(1, round(n * test)) if test > 0 else 0
-    order = np.random.default_rng(seed).permutation(sorted(case_ids)).tolist()
-    test_ids, rest = order[:n_test], order[n_test:]
-    if fold is None:
-        n_val = max(1, round(n * val))
-        if n - n_test - n_val < 1:
-            raise DataError(
-                f"{n} cases are too few for val={val}, test={test} (need >= {n_val + n_test + 1})"
-            )
-        val_ids, train_ids = rest[:n_val], rest[n_val:]
-    else:
-        if folds < 2 or not 0 <= fold < folds:
-            raise DataError(f"fold must be in 0..{folds - 1} with folds >= 2, got {fold}/{folds}")
-        if len(rest) < folds:
-            raise DataError(f"{n} cases are too few for {folds} folds after test={test}")
-        parts = [p.tolist() for p in np.array_split(np.array(rest, dtype=object), folds)]
-        val_ids = parts[fold]
-        train_ids = [c for k, p in enumerate(parts) if k != fold for c in p]
-    return {"test": sorted(test_ids), "val": sorted(val_ids), "train": sorted(train_ids)}
-
-
-def kfold_cases(
-    case_ids: Sequence[str], test: float, seed: int, folds: int
-) -> dict[str, list[Any]]:
-    """The held-out test cases and the ``folds`` validation folds of the rest."""
-    parts = [split_cases(case_ids, 0.0, test, seed, k, folds)["val"] for k in range(folds)]
-    return {"test": split_cases(case_ids, 0.0, test, seed, 0, folds)["test"], "folds": parts}
-
-
-# ---------------------------------------------------------------- serving
-
-
-def keep_batch(batch: Any) -> Any:
-    """collate_fn for datasets whose ``__getitems__`` already returns a batch."""
-    return batch
-
-
-class StoreSlices(Dataset):
-    """Rows ``rows`` of a slice store as ``(image (C, H, W) float32, labels (H, W) uint8)``.
-
-    ``__getitems__`` (used by DataLoader's batched fetch) reads a whole batch from the memory
-    map in one indexing call and returns it already stacked: use ``collate_fn=keep_batch``.
-    The arrays are mapped lazily in each process, so the dataset pickles cheaply to workers.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        rows: np.ndarray,
-        image_size: int | None = None,
-        transform: Any = None,
-    ) -> None:
-        self.root, self.rows = Path(root), np.asarray(rows, dtype=np.int64)
-        self.image_size, self.transform = image_size, transform
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._arrays is None:
-            store = open_store(self.root)
-            self._arrays = (store.images, store.labels)
-        return self._arrays
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def read(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked, resized (not augmented) slices of dataset items ``items``, sorted by row."""
-        images, labels = self.arrays()
-        rows = np.sort(self.rows[np.asarray(items, dtype=np.int64)])
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):  # consecutive: one slice read
-            part = slice(rows[0], rows[-1] + 1)
-            image, label = np.array(images[part]), np.array(labels[part])
-        else:  # fancy indexing copies already
-            image, label = images[rows], labels[rows]
-        # torch converts float16 to float32 much faster than numpy
-        image = torch.from_numpy(image).float()
-        return resize_batch(image, torch.from_numpy(label), self.image_size)
-
-    def __getitems__(self, items: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.read(items)
-        if self.transform is not None:
-            image, labels = self.transform(image, labels)
-        return image, labels
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, labels = self.__getitems__([i])
-        return image[0], labels[0]
-
-
-class ForegroundSampler(Sampler[int]):
-    """Epochs of ``len(foreground)`` items, a ``ratio`` of them drawn from items with tumour.
-
-    Each pool is drawn without replacement while it lasts (reshuffled when used up); the
-    epoch's order is shuffled. Seeds come from torch's global generator.
-    """
-
-    def __init__(self, foreground: np.ndarray, ratio: float) -> None:
-        self.fg = np.flatnonzero(foreground)
-        self.bg = np.flatnonzero(~np.asarray(foreground, dtype=bool))
-        self.ratio, self.n = ratio, len(foreground)
-        if not len(self.fg) and ratio > 0:
-            raise DataError("foreground_ratio > 0 but no training slice holds tumour")
-        if not len(self.bg) and ratio < 1:
-            log.warning("every training slice holds tumour: foreground_ratio has no effect")
-            self.ratio = 1.0
-
-    def __len__(self) -> int:
-        return self.n
-
-    @staticmethod
-    def _draw(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
-        reps = -(-k // len(pool)) if k else 0
-        return np.concatenate([rng.permutation(pool) for _ in range(reps)] or [pool[:0]])[:k]
-
-    def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
-        n_fg = round(self.ratio * self.n)
-        picks = np.concatenate(
-            [self._draw(rng, self.fg, n_fg), self._draw(rng, self.bg, self.n - n_fg)]
-        )
-        return iter(rng.permutation(picks).tolist())
+__all__ = ["BratsDataModule"]
 
 
 def _plain(value: Any) -> Any:
@@ -215,20 +73,6 @@ def _augment(augment: Any, flip: bool) -> Augment | None:
     if not flip:
         fields.update(flip_x=0.0, flip_y=0.0)
     return Augment(**fields)
-
-
-def _eval_sampler(ds: Dataset) -> Sampler[int] | None:
-    """Under DDP, each slice on exactly one rank. Lightning's default ``DistributedSampler``
-    pads the last batch by repeating up to ``world_size - 1`` slices, which pooled metrics
-    would count twice; this sampler gives ranks unequal shares instead (fine for evaluation,
-    where ranks do not wait for each other's gradients)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if torch.distributed.get_world_size() == 1:
-        return None
-    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-    return UnrepeatedDistributedSampler(ds, shuffle=False)
 
 
 # ---------------------------------------------------------------- the DataModule
@@ -544,7 +388,7 @@ class BratsDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=h.batch_size,
-            sampler=self._sampler() if train else _eval_sampler(ds),
+            sampler=self._sampler() if train else eval_sampler(ds),
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
             collate_fn=keep_batch,

@@ -36,16 +36,13 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from tumorseg.errors import DataError
-from tumorseg.progress import progress_bar
+from tumorseg.core.console import progress_bar
+from tumorseg.core.errors import DataError
+from tumorseg.data.case import BRATS_AFFINE, MODALITIES
 
 log = logging.getLogger(__name__)
 
-MODALITIES = ("flair", "t1", "t1ce", "t2")
 SHAPE = (240, 240, 155)
-BRATS_AFFINE = np.array(
-    [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-)
 FILES = (*MODALITIES, "seg")
 DIFFICULTIES = ("easy", "brats")
 MARKER = ".tumorseg-demo.json"  # seed and difficulty of a demo folder

@@ -30,7 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from tumorseg.data.nifti import MODALITIES, Case
+from tumorseg.core.console import progress_bar
+from tumorseg.core.errors import DataError
+from tumorseg.core.files import folder_lock
+from tumorseg.core.labels import MASK_ORDER
+from tumorseg.data.case import MODALITIES, Case
 from tumorseg.data.preprocess import (
     ORIENTATION,
     SPACING,
@@ -57,10 +61,6 @@ from tumorseg.data.store import (
     update_hash,
     write_json,
 )
-from tumorseg.errors import DataError
-from tumorseg.labels import MASK_ORDER
-from tumorseg.outputs import folder_lock
-from tumorseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
 CASES = "cases"  # per-case results inside DST.partial
@@ -96,7 +96,8 @@ def convert(
     if case.seg is None:
         raise DataError(f"{case.case_id}: no segmentation")
     pre = pre or Preprocessing()
-    image, seg, affine = to_training_grid(case.image, case.seg, case.affine, pre, case.case_id)
+    grid = to_training_grid(case.image, case.seg, case.affine, pre, case.case_id)
+    image, seg, affine = grid.image, grid.seg, grid.affine
     brain = brain_mask(image)
     stats = intensity_stats(image, brain)
     volume_shape = seg.shape

@@ -33,8 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tumorseg.errors import DataError
-from tumorseg.lesions import bounding_box
+from tumorseg.core.errors import DataError
 
 ORIENTATION = "LPS"  # the BraTS voxel layout
 SPACING = (1.0, 1.0)  # BraTS in-plane spacing, mm
@@ -103,6 +102,20 @@ class Preprocessing:
         if self.skip_empty != "none":
             parts.append(f"slices with < {self.min_brain_fraction:g} brain skipped")
         return ", ".join(parts)
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of ``mask``'s bounding box grown by ``margin`` voxels (clipped); None if empty."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(
+            slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis]))
+        )
+    return tuple(box)
 
 
 def check_orientation(codes: str) -> None:
@@ -386,14 +399,26 @@ def preprocessing_from_config(config: dict | None) -> Preprocessing:
 # ---------------------------------------------------------------- the training side
 
 
+@dataclass
+class OnGrid:
+    """A case after steps 1-2 (orientation, in-plane spacing), and how it got there."""
+
+    image: np.ndarray  # (C, X', Y', Z) on the training grid
+    seg: np.ndarray | None  # (X', Y', Z) labels, when the case has them
+    affine: np.ndarray  # of the training grid
+    turn: Reorientation  # step 1, which ``NetInput.undo`` reverses
+    oriented: tuple[int, int, int]  # (X, Y, Z) after step 1, before resampling
+
+
 def to_training_grid(
     image: np.ndarray, seg: np.ndarray | None, affine: np.ndarray, pre: Preprocessing, source: str
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Steps 1-2 for a training case: reoriented and resampled image, labels and affine."""
+) -> OnGrid:
+    """Steps 1-2, for the store (``prepare``) and for inference (``NetInput``) alike."""
     check_axis_aligned(affine, source)
     turn = Reorientation.of(affine, image.shape[1:], pre.orientation)
     image, affine = turn.apply(image), turn.affine
     seg = None if seg is None else turn.apply(seg)
+    oriented = tuple(image.shape[1:])
     spacing = voxel_spacing(affine)[:2]
     if needs_resampling(spacing, pre.spacing):
         shape = resampled_shape(image.shape[1:3], spacing, pre.spacing)
@@ -402,7 +427,7 @@ def to_training_grid(
         affine = affine.copy()
         for axis in (0, 1):
             affine[:3, axis] *= pre.spacing[axis] / spacing[axis]
-    return image, seg, affine
+    return OnGrid(image, seg, affine, turn, oriented)
 
 
 # ---------------------------------------------------------------- the inference side
@@ -435,15 +460,9 @@ class NetInput:
         normalised: bool = False,
     ) -> NetInput:
         """``image (C, X, Y, Z)`` raw (``normalised``: already z-scored, e.g. a store volume)."""
-        check_axis_aligned(affine, source)
-        turn = Reorientation.of(affine, image.shape[1:], pre.orientation)
-        image = turn.apply(image)
-        oriented = tuple(image.shape[1:])
-        spacing = voxel_spacing(turn.affine)[:2]
+        grid = to_training_grid(image, None, affine, pre, source)
+        image, turn, oriented = grid.image, grid.turn, grid.oriented
         resampled = tuple(image.shape[1:3])
-        if needs_resampling(spacing, pre.spacing):
-            resampled = resampled_shape(resampled, spacing, pre.spacing)
-            image = resample_slices(image, resampled)
         if not normalised:
             image = zscore(image)
         origin = None

@@ -28,7 +28,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tumorseg.data.nifti import (
+from tumorseg.core.errors import DataError
+from tumorseg.core.labels import CONVENTIONS, MASK_ORDER, check_mask_order, from_one_hot
+from tumorseg.data.case import (
+    BRATS_AFFINE,
     MODALITIES,
     SUFFIXES,
     Case,
@@ -37,18 +40,11 @@ from tumorseg.data.nifti import (
     read_nifti,
     read_seg,
 )
-from tumorseg.errors import DataError
-from tumorseg.labels import CONVENTIONS, MASK_ORDER, check_mask_order, from_one_hot
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("kaggle-h5", "brats", "msd")
 
-# The h5 slices carry no geometry: they are axial slices of the BraTS 2020 NIfTI volumes,
-# so we give them the standard BraTS (LPS, 1 mm) affine those volumes have.
-BRATS_AFFINE = np.array(
-    [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 239.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-)
 
 # Kaggle: where the slices may sit relative to the folder the user points at.
 KAGGLE_DIRS = (".", "data", "content/data", "BraTS2020_training_data/content/data")

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tumorseg.errors import DataError
+from tumorseg.core.errors import DataError
 
 FORMAT_VERSION = 1
 IMAGES, LABELS, SLICES = "images.npy", "labels.npy", "slices.npy"
