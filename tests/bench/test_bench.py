@@ -111,3 +111,34 @@ def test_old_names_still_run_and_say_the_new_one(tmp_path):
     )
     assert "write 'tumorseg-bench data'" in data.stderr
     assert "tumorseg-bench data: error:" in data.stderr and data.returncode == 2
+
+
+def test_bf16_hardware_is_named_amx_where_the_cpu_has_tiles():
+    from tumorseg.training.precision import cpu_bf16_hardware
+
+    assert cpu_bf16_hardware("flags : fpu avx512f avx512_bf16 amx_bf16 amx_tile") == "AMX"
+    assert cpu_bf16_hardware("flags : fpu avx512f avx512_bf16") == "AVX-512 BF16"
+    assert cpu_bf16_hardware("flags : fpu avx2") is None
+
+
+def test_layers_names_every_convolution_of_the_net(tmp_path, capsys):
+    from torch import nn
+
+    from tumorseg.bench.training import make_net
+
+    out = tmp_path / "layers.md"
+    args = ["layers", "--size", "32", "--batch-size", "2", "--steps", "2", "--mode", "fp32"]
+    assert bench_main([*args, "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text in capsys.readouterr().out and "fp32 matmul peak" in text
+    names = [
+        n
+        for n, m in make_net("unet", [16, 32, 64, 128]).named_modules()
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+    ]
+    rows = table_rows(text)
+    listed = {part for row in rows for part in row[0].split(" + ")}
+    assert listed == set(names)  # every layer once, nothing else
+    for row in rows:
+        forward, backward = float(row[1]), float(row[2])
+        assert forward + backward > 0 and float(row[4]) > 0

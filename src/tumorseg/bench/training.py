@@ -34,7 +34,7 @@ from tumorseg.core import console
 from tumorseg.core.console import ArgError, Parser
 from tumorseg.models import AttentionUNet, ResidualUNet, UNet
 from tumorseg.training.losses import RegionLoss
-from tumorseg.training.precision import cpu_has_bf16
+from tumorseg.training.precision import cpu_bf16_hardware
 
 PROG = "tumorseg-bench training"
 VARIANTS: dict[str, type[nn.Module]] = {
@@ -242,7 +242,8 @@ def cpu_name() -> str:
 
 
 def environment_lines(n: int, start: dict[str, float], end: dict[str, float]) -> list[str]:
-    bf16 = "yes" if cpu_has_bf16() else "no"
+    hardware = cpu_bf16_hardware()
+    bf16 = f"yes, {hardware}" if hardware else "no"
     peak = {mode: f"{max(start[mode], end[mode]):.0f}" for mode in MODES}
     return [
         f"- torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_name()} "

@@ -15,6 +15,7 @@ PROG = "tumorseg-bench"
 # what -> (module under tumorseg.bench, one line for the list)
 BENCHMARKS = {
     "training": ("training", "training step of the U-Net variants, fp32 vs bf16 + channels-last"),
+    "layers": ("layers", "where a training step's time goes, layer by layer (profiler)"),
     "compile": ("compile", "eager vs torch.compile training step, and the compile time"),
     "data": ("data", "slices/s from the packed store vs per-file Kaggle h5"),
     "inference": ("inference", "seconds per case: naive loop, batched, batched + TTA"),

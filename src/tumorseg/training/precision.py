@@ -7,13 +7,23 @@ from pathlib import Path
 import torch
 
 
+def cpu_bf16_hardware(cpuinfo: str | None = None) -> str | None:
+    """The CPU's native bf16 instructions, from ``/proc/cpuinfo`` (or the text ``cpuinfo``):
+    ``AMX`` (matrix tiles, which also has AVX-512 BF16), ``AVX-512 BF16``, or None."""
+    try:
+        flags = set((cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()).split())
+    except OSError:
+        return None
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16"
+    return None
+
+
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_bf16_hardware() is not None
 
 
 def uses_gpu(accelerator: str) -> bool:
