@@ -160,3 +160,18 @@ def test_difficulty_marker_refuses_to_mix(tmp_path: Path, capsys: pytest.Capture
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(tmp_path) in err[0] and "seed 0" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [demo.MARKER, "BraTS20_Training_001"]
+
+
+def test_two_workers_write_the_same_cases_as_one(tmp_path) -> None:
+    """Cases written side by side by two processes are the files one process writes."""
+    one = demo.write_demo(tmp_path / "one", cases=3, seed=5, progress=False, difficulty="easy")
+    two = demo.write_demo(
+        tmp_path / "two", cases=3, seed=5, progress=False, difficulty="easy", workers=2
+    )
+    assert [p.name for p in two] == [p.name for p in one]
+    for a, b in zip(one, two, strict=True):
+        for name in (*demo.MODALITIES, "seg"):
+            x = nib.load(a / f"{a.name}_{name}.nii.gz")
+            y = nib.load(b / f"{b.name}_{name}.nii.gz")
+            np.testing.assert_array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj))
+            assert np.array_equal(x.affine, y.affine)

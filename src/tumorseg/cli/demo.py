@@ -30,6 +30,7 @@ def build_parser() -> Parser:
         help="brats: realistic gliomas, look-alikes, scanner differences (default); "
         "easy: bright uniform lesions with clean borders",
     )
+    add("--workers", type=console.count(1), default=2, help="processes writing cases (default 2)")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -52,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     done = sum(case_complete(args.output / case_id(i)) for i in range(1, args.cases + 1))
     try:
         folders = write_demo(
-            args.output, args.cases, args.seed, not args.quiet, difficulty=args.difficulty
+            args.output,
+            args.cases,
+            args.seed,
+            not args.quiet,
+            difficulty=args.difficulty,
+            workers=args.workers,
         )
     except DemoError as err:
         console.error(PROG, str(err))

@@ -90,8 +90,8 @@ class BratsDataModule(L.LightningDataModule):
             resolved root and the prepare options>``.
         cache_root: folder of cached stores (None: ``cache`` beside ``root``).
         dtype, crop, channel_order, mask_order, convention, prepare_workers, skip_bad: prepare
-            options
-            (see ``tumorseg-prepare``).
+            options (see ``tumorseg-prepare``); ``prepare_workers`` processes also write the
+            demo cases.
         demo_cases, demo_seed, demo_difficulty: size, seed and difficulty (``brats`` or
             ``easy``) of the generated demo set.
         image_size: slices are resized to this square size per batch (None: store size).
@@ -230,7 +230,13 @@ class BratsDataModule(L.LightningDataModule):
 
             # writes only the missing cases, so an interrupted generation resumes
             with phase("demo"):
-                write_demo(self.root, h.demo_cases, h.demo_seed, difficulty=h.demo_difficulty)
+                write_demo(
+                    self.root,
+                    h.demo_cases,
+                    h.demo_seed,
+                    difficulty=h.demo_difficulty,
+                    workers=h.prepare_workers,
+                )
         if is_complete(self.root):
             return
         if not self.root.is_dir():

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -668,8 +669,11 @@ def write_demo(
     seed: int = 0,
     progress: bool = True,
     difficulty: str = "brats",
+    workers: int = 1,
 ) -> list[Path]:
-    """Write demo cases 1..`cases` into `output`, keeping complete existing case folders.
+    """Write demo cases 1..`cases` into `output`, keeping complete existing case folders;
+    ``workers`` processes write cases side by side (each case has its own seed, so the files
+    are the same whatever the number of workers).
 
     The folder records its seed and difficulty in a hidden ``.tumorseg-demo.json``; asking
     for other ones there raises ``DemoError`` rather than mixing two data sets.
@@ -679,19 +683,38 @@ def write_demo(
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     _check_marker(output, seed, difficulty)
-    folders = []
     missing = [i for i in range(1, cases + 1) if not case_complete(output / case_id(i))]
     quiet = not progress or not missing  # no bar when there is no work
     with progress_bar(quiet=quiet, transient=False) as bar:
         task = bar.add_task(f"Synthesising BraTS demo cases ({difficulty})", total=cases)
-        for index in range(1, cases + 1):
-            folder = output / case_id(index)
-            if case_complete(folder):
-                log.debug("keeping %s", folder)
-            else:
-                start = time.perf_counter()
-                _write_case(output, index, seed, difficulty)
-                log.info("wrote %s in %.2f s", folder, time.perf_counter() - start)
-            folders.append(folder)
+        bar.advance(task, cases - len(missing))
+        for folder, seconds in _write_cases(output, missing, seed, difficulty, workers):
+            log.info("wrote %s in %.2f s", folder, seconds)
             bar.advance(task)
-    return folders
+    return [output / case_id(i) for i in range(1, cases + 1)]
+
+
+def _timed_case(output: Path, index: int, seed: int, difficulty: str) -> tuple[Path, float]:
+    start = time.perf_counter()
+    return _write_case(output, index, seed, difficulty), time.perf_counter() - start
+
+
+def _write_cases(
+    output: Path, indices: list[int], seed: int, difficulty: str, workers: int
+) -> Iterator[tuple[Path, float]]:
+    """Write the cases ``indices`` (in this process for one worker, else in a process pool),
+    yielding each folder and its seconds as it is done."""
+    if workers <= 1 or len(indices) <= 1:
+        for index in indices:
+            yield _timed_case(output, index, seed, difficulty)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tumorseg.data.prepare import start_method
+
+    ctx = multiprocessing.get_context(start_method())
+    with ProcessPoolExecutor(min(workers, len(indices)), mp_context=ctx) as pool:
+        futures = [pool.submit(_timed_case, output, i, seed, difficulty) for i in indices]
+        for done in as_completed(futures):
+            yield done.result()

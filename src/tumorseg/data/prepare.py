@@ -205,7 +205,7 @@ def _finished(cases_dir: Path, refs: list) -> dict[str, dict]:
     return done
 
 
-def _start_method() -> str:
+def start_method() -> str:
     """``fork`` on Linux: workers start at once, even from ``python -`` or a notebook, and
     only run numpy, h5py and nibabel code (no torch ops, which are not fork-safe). Elsewhere
     ``spawn`` (fork is unsafe on macOS and missing on Windows)."""
@@ -222,7 +222,7 @@ def _run_cases(
         for ref in refs:
             on_done(process_case(ref, cases_dir, dtype, crop))
         return
-    ctx = multiprocessing.get_context(_start_method())
+    ctx = multiprocessing.get_context(start_method())
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         pending: set[Future] = set()
         todo = iter(refs)
