@@ -30,6 +30,31 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+# Class paths that checkpoints written before the packages by stage (tumorseg 0.1) store in
+# their config, and where those classes live now: resuming such a run builds the new ones.
+MOVED_TARGETS = {
+    "tumorseg.module.": "tumorseg.training.module.",
+    "tumorseg.callbacks.": "tumorseg.tracking.callbacks.",
+    "tumorseg.tracking.make_mlflow_logger": "tumorseg.tracking.client.make_mlflow_logger",
+    "tumorseg.launch.": "tumorseg.sweep.launch.",
+}
+
+
+def current_targets(node: Any) -> Any:
+    """``node`` (a plain config) with every ``_target_`` of ``MOVED_TARGETS`` at its new path."""
+    if isinstance(node, dict):
+        out = {k: current_targets(v) for k, v in node.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            for old, new in MOVED_TARGETS.items():
+                if target.startswith(old):
+                    out["_target_"] = new + target[len(old) :]
+        return out
+    if isinstance(node, list):
+        return [current_targets(v) for v in node]
+    return node
+
+
 def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
     """For ``ckpt_path=...``: the run config stored in that checkpoint, and its MLflow run id."""
     from tumorseg.training.module import read_checkpoint
@@ -39,7 +64,7 @@ def resume_config(cfg: DictConfig) -> tuple[DictConfig, str | None]:
     stored = ckpt.get("tumorseg_config")
     if not stored:
         raise DataError(f"{path}: checkpoint holds no tumorseg config")
-    stored = OmegaConf.create(stored)
+    stored = OmegaConf.create(current_targets(stored))
     stored.ckpt_path = path
     return stored, ckpt.get("mlflow_run_id")
 

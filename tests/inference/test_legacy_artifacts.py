@@ -200,3 +200,31 @@ def test_old_store_opens_and_trains(tmp_path):
     assert sorted(split) == ["test", "train", "val"]
     assert sorted(c for part in split.values() for c in part) == sorted(want["case_ids"])
     assert list((tmp_path / "outputs" / "runs").glob("*/checkpoints/*.ckpt")), "no checkpoint"
+
+
+def test_a_run_written_before_the_move_resumes_with_the_current_classes():
+    """Resuming a checkpoint of tumorseg 0.1 composes its stored config: every ``_target_`` in
+    it must name a class or function that exists now."""
+    from hydra.utils import get_method
+    from omegaconf import OmegaConf
+
+    from tumorseg.train import resume_config
+
+    ckpt = LEGACY / "unet_tiny.ckpt"
+    cfg, _ = resume_config(OmegaConf.create({"ckpt_path": str(ckpt)}))
+    plain = OmegaConf.to_container(cfg, resolve=False)
+
+    def targets(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("_target_"), str):
+                yield node["_target_"]
+            for value in node.values():
+                yield from targets(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from targets(value)
+
+    found = sorted(set(targets(plain)))
+    assert "tumorseg.training.module.SegModule" in found
+    for target in found:
+        get_method(target)  # raises if the path does not import
