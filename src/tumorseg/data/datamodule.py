@@ -89,14 +89,23 @@ class BratsDataModule(L.LightningDataModule):
         cache_dir: store of a raw ``root``; None: ``cache_root/<root name>-<hash of the
             resolved root and the prepare options>``.
         cache_root: folder of cached stores (None: ``cache`` beside ``root``).
-        dtype, crop, channel_order, mask_order, convention, prepare_workers, skip_bad: prepare
-            options (see ``tumorseg-prepare``); ``prepare_workers`` processes also write the
-            demo cases.
-        demo_cases, demo_seed, demo_difficulty: size, seed and difficulty (``brats`` or
-            ``easy``) of the generated demo set.
+        dtype: prepare option (see ``tumorseg-prepare``): stored image dtype.
+        crop: prepare option: in-plane crop window around the brain and tumour.
+        channel_order: prepare option: modality order of the Kaggle h5 images.
+        mask_order: prepare option: region order of the Kaggle h5 masks.
+        convention: prepare option: label convention of the source.
+        prepare_workers: processes converting cases and writing the demo cases.
+        skip_bad: prepare option: leave out bad cases instead of failing.
+        demo_cases: size of the generated demo set.
+        demo_seed: seed of the generated demo set.
+        demo_difficulty: ``brats`` or ``easy`` (see ``tumorseg-demo``).
         image_size: slices are resized to this square size per batch (None: store size).
-        val_fraction, test_fraction, split_seed: patient-level split, test drawn first.
-        fold, folds: k-fold cross-validation of the non-test cases (``fold`` None: plain split).
+        val_fraction: patient-level share of the validation split.
+        test_fraction: patient-level share of the test split, drawn first.
+        split_seed: seed of the patient-level split.
+        fold: the validation fold of k-fold cross-validation of the non-test cases (None:
+            plain split).
+        folds: the number of folds.
         skip_empty: ``none``, ``brain`` (drop slices with less than ``min_brain_fraction``
             brain, every split) or ``tumour`` (also drop training slices without tumour).
         foreground_ratio: fraction of training samples drawn from slices with tumour (None:

@@ -28,7 +28,8 @@ class Augment:
         rotate: largest rotation in degrees (uniform in ``[-rotate, rotate]``).
         scale: largest relative zoom (factor uniform in ``[1 - scale, 1 + scale]``).
         p_intensity: probability of a per-channel intensity scale and shift.
-        intensity_scale, intensity_shift: ``x * (1 + U(-a, a)) + U(-b, b)`` per channel.
+        intensity_scale: ``a`` of ``x * (1 + U(-a, a)) + U(-b, b)`` per channel.
+        intensity_shift: ``b`` of the same.
         p_gamma: probability of a gamma change per sample.
         gamma: gamma drawn log-uniformly in ``[1 / (1 + gamma), 1 + gamma]``, applied to the
             intensities rescaled to [0, 1] per channel and mapped back.

@@ -161,8 +161,9 @@ def overlay_figure(
 
     Args:
         image: 3D volume ``(X, Y, Z)`` (e.g. FLAIR or T1ce) in the voxel order of ``affine``.
-        truth, pred: canonical label volumes (0 bg, 1 NCR, 2 ED, 3 ET) of the same shape, or
-            None; truth is drawn solid, the prediction dashed.
+        truth: canonical label volume (0 bg, 1 NCR, 2 ED, 3 ET) of the same shape, or None;
+            drawn solid.
+        pred: the prediction, as ``truth``; drawn dashed.
         affine: voxel-to-world affine of the volumes (orientation and voxel size).
         title: figure title (e.g. the case id).
         modality: name of ``image`` shown in the panel titles.

@@ -75,7 +75,8 @@ class SegModule(L.LightningModule):
         scheduler: optional partial taking the optimizer (stepped once per epoch).
         target: ``regions`` (WT/TC/ET sigmoid channels, BCE + Dice) or ``labels``
             (softmax over background/NCR/ED/ET, CE + Dice).
-        dice_weight, ce_weight: loss weights.
+        dice_weight: weight of the Dice loss.
+        ce_weight: weight of the BCE or CE loss.
         channels_last: run convolutions in channels-last memory format (faster on CPU and GPU).
         name: variant name, used as an MLflow tag.
         compile: ``torch.compile`` the net when a fit starts: ``false``, ``true`` or ``auto``
