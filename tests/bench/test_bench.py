@@ -142,3 +142,11 @@ def test_layers_names_every_convolution_of_the_net(tmp_path, capsys):
     for row in rows:
         forward, backward = float(row[1]), float(row[2])
         assert forward + backward > 0 and float(row[4]) > 0
+
+
+def test_startup_refuses_a_base_without_the_package(tmp_path, capsys):
+    assert bench_main(["startup", "--base-src", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err == f"tumorseg-bench startup: error: --base-src {tmp_path}: no tumorseg package there\n"
+    )

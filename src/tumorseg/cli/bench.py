@@ -19,6 +19,7 @@ BENCHMARKS = {
     "compile": ("compile", "eager vs torch.compile training step, and the compile time"),
     "data": ("data", "slices/s from the packed store vs per-file Kaggle h5"),
     "inference": ("inference", "seconds per case: naive loop, batched, batched + TTA"),
+    "startup": ("startup", "tumorseg-predict as users wait: start-up, one case, a folder"),
     "pipeline": ("pipeline", "a folder through tumorseg-predict vs one case after another"),
     "scoring": ("scoring", "case scoring inside bounding boxes vs the whole volume"),
     "export": ("export", "ONNX Runtime vs PyTorch on one case"),
