@@ -133,15 +133,17 @@ def test_trial_0_runs_the_config_as_given_once(tmp_path):
     assert trials[2].value in (1.0, 2.0)
 
 
-# uneven jobs: about half pruned at once, the others sleep 5 to 8 s; sampled by the
-# random sampler (seed 0), so both schedules get the same durations
+# uneven jobs: about two thirds pruned at once, the others sleep 2.5 to 4 s (each job takes a
+# second more: submitit polls its result once a second); sampled by the random sampler
+# (seed 0), so both schedules get the same durations, in the same order: the last trials are
+# short, so the tail of the sweep (fewer trials left than slots) is short too
 UNEVEN = [
     "hydra/launcher=submitit_local",
     "hydra.sweeper.storage=null",
     "hydra.sweeper.n_jobs=3",
-    "hydra.sweeper.n_trials=12",
-    "duration=interval(0.0,8.0)",
-    "prune_below=5.0",
+    "hydra.sweeper.n_trials=18",
+    "duration=interval(0.0,4.0)",
+    "prune_below=2.5",
 ]
 
 
@@ -161,7 +163,7 @@ def test_no_slot_idles_while_trials_remain(tmp_path):
         summary = results(tmp_path / schedule)
         assert summary["states"]["PRUNED"] >= 2 and summary["states"]["COMPLETE"] >= 2
         assert summary["sweep"]["schedule"] == schedule and summary["sweep"]["slots"] == 3
-        assert summary["sweep"]["jobs"] == 12
+        assert summary["sweep"]["jobs"] == 18
         util[schedule] = summary["sweep"]["utilisation"]
         log = res.stdout + res.stderr
         assert f"{schedule} schedule: slot utilisation {util[schedule]:.2f}" in log
