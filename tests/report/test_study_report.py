@@ -3,6 +3,8 @@ validation objective ranks trials as the test patients do."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import optuna
 import pandas as pd
@@ -11,7 +13,10 @@ from mlflow.tracking import MlflowClient
 from scipy.stats import spearmanr
 
 from tests.multirun import mlflow_runs, optuna_storage, optuna_sweep, tracking_uri
+from tumorseg.cli.evaluate import main as evaluate_main
+from tumorseg.cli.predict import main as predict_main
 from tumorseg.cli.report import main as report_main
+from tumorseg.data.demo import write_demo
 from tumorseg.report.runs import run_cases
 from tumorseg.report.study import paired_difference, rank_agreement
 
@@ -109,6 +114,74 @@ def test_study_report_compares_the_best_trial_with_trial_0_on_test_cases(tmp_pat
     logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/study.md" in logged
     assert "report/val_test_spearman" in parent.data.metrics or "Spearman" in text
+
+    # --held-out: two cases no trial saw, each completed trial's checkpoint predicts them; the
+    # best trial's case Dice equals tumorseg-predict --run + tumorseg-evaluate's on them
+    extra = tmp_path / "extra"
+    write_demo(extra, cases=6, seed=0, progress=False, difficulty="easy")
+    held = tmp_path / "held"
+    held.mkdir()
+    for i in (5, 6):
+        shutil.move(extra / f"BraTS20_Training_{i:03d}", held)
+    out_held = tmp_path / "report_held"
+    args = ["--study", "pays", "--storage", storage, "--tracking-uri", tracking_uri(tmp_path)]
+    code = report_main(args + ["--output", str(out_held), "--held-out", str(held)])
+    assert code == 0
+    trials = pd.read_csv(out_held / "trials.csv")
+    assert trials["held_out_cases"].tolist() == [2, 2, 2]
+    paired = pd.read_csv(out_held / "paired.csv").iloc[0]
+    assert paired["n_cases"] == 2 and paired["best_trial"] == best
+    text = (out_held / "study.md").read_text()
+    assert "held-out patients, paired by case" in text
+    (best_run,) = [
+        r
+        for r in mlflow_runs(tmp_path, "tags.optuna_study = 'pays'")
+        if r.data.tags.get("optuna_trial") == str(best)
+    ]
+    pred = tmp_path / "pred"
+    uri = ["--tracking-uri", tracking_uri(tmp_path)]
+    assert (
+        predict_main(
+            [
+                "--run",
+                best_run.info.run_id,
+                "--input",
+                str(held),
+                "--output",
+                str(pred),
+                "--quiet",
+                *uri,
+            ]
+        )
+        == 0
+    )
+    scores = tmp_path / "scores.csv"
+    assert (
+        evaluate_main(
+            [
+                "--predictions",
+                str(pred),
+                "--references",
+                str(held),
+                "--output",
+                str(scores),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    scored = pd.read_csv(scores)
+    scored = scored[scored["region"].isin(["wt", "tc", "et"])]
+    expected = scored.groupby("case_id")["dice"].mean().mean()
+    assert trials.set_index("trial").loc[best, "held_out_dice"] == pytest.approx(expected, abs=1e-6)
+    # a second report reads the cached per-run tables: nothing is predicted again
+    cached = sorted((out_held / "held_out").glob("*.csv"))
+    assert len(cached) == 3
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert report_main(args + ["--output", str(out_held), "--held-out", str(held)]) == 0
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    logged = {f.path for f in client.list_artifacts(parent.info.run_id, "report/held_out")}
+    assert "report/held_out/study.md" in logged
 
 
 def test_study_report_names_a_missing_study(tmp_path, capsys):

@@ -4,6 +4,7 @@ baseline on the test patients (``tumorseg.report.study``)::
 
     tumorseg-report --experiment variant_comparison --output experiments/variant_comparison
     tumorseg-report --study tumorseg-unet [--storage sqlite:///mlruns/optuna.db] [--trial N]
+    tumorseg-report --study tumorseg-unet --held-out DIR   # on patients no trial saw
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def build_parser() -> Parser:
         help=f"the study's Optuna storage URL (default {DEFAULT_STORAGE})",
     )
     add("--trial", type=int, help="with --study: compare this trial, not the best")
+    add(
+        "--held-out",
+        type=Path,
+        metavar="DIR",
+        help="with --study: labelled case folders no trial saw; each completed trial's "
+        "checkpoint predicts them, in place of the test stage's patients",
+    )
+    add("--device", default="auto", help="with --held-out: auto (default), cpu or cuda")
     add("--output", type=Path, help="output folder (default reports/<experiment or study>)")
     add("--tracking-uri", metavar="URI", help="MLflow tracking URI (else $MLFLOW_TRACKING_URI)")
     add("--filter", metavar="EXPR", help="extra MLflow run filter, e.g. \"tags.sweep = '...'\"")
@@ -53,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.trial is not None and not args.study:
         raise ArgError("--trial needs --study")
+    if args.held_out is not None and not args.study:
+        raise ArgError("--held-out needs --study")
+    if args.held_out is not None and not args.held_out.is_dir():
+        raise ArgError(f"--held-out {args.held_out}: no such folder")
     if args.output is None:
         args.output = Path("reports") / (args.study or args.experiment)
     if args.output.exists() and not args.output.is_dir():
@@ -107,15 +120,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def study_main(args: argparse.Namespace, uri: str) -> int:
-    """``--study``: the best trial against trial 0 on the test patients, and the rank
-    agreement of the objective with the test Dice."""
-    from tumorseg.report.study import build_study_report, load_study, log_to_parent
+    """``--study``: the best trial against trial 0 on the test patients (or ``--held-out``'s),
+    and the rank agreement of the objective with their Dice."""
+    from tumorseg.report.study import HeldOut, build_study_report, load_study, log_to_parent
     from tumorseg.report.study import write_study_files as write
 
+    held_out = None
+    if args.held_out is not None:
+        held_out = HeldOut(args.held_out, uri, args.output / "held_out", args.device)
     try:
         client = open_client(uri)
         study = load_study(args.study, args.storage)
-        writers, numbers = build_study_report(client, study, args.trial)
+        writers, numbers = build_study_report(client, study, args.trial, held_out)
     except DataError as err:
         error(str(err))
         return 2
@@ -133,7 +149,8 @@ def study_main(args: argparse.Namespace, uri: str) -> int:
         error(f"cannot log the report to MLflow at {uri}: {first_line(err)}")
         return 1
     if run_id:
-        print(f"logged to the study's parent run {run_id} (report/)")
+        where = "report/" if held_out is None else "report/held_out/"
+        print(f"logged to the study's parent run {run_id} ({where})")
     return 0
 
 

@@ -13,6 +13,11 @@ case's score is its mean WT/TC/ET Dice, as the test stage's ``test/dice_mean`` a
   the two-sided Wilcoxon signed-rank p-value, and how many cases got better.
 * **Can the objective be trusted?** Spearman's rho, across the study's completed trials,
   between the trial's objective (the first one) and its mean case-level test Dice.
+* **Held-out patients** (``--held-out DIR``, labelled case folders no trial trained, validated
+  or was tested on): each completed trial's kept checkpoint predicts them through the inference
+  path, as the test stage predicts, and they replace the test patients in both comparisons.
+  Each run's per-case table is kept in ``<output>/held_out/<run_id>.csv``: a second report
+  predicts nothing again.
 * **The noise**: each trial's objective with its standard error (trial attr ``stderr``), and
   the trials whose objective lies within one standard error of the best's
   (``tumorseg.sweep.runs.within_noise``).
@@ -20,7 +25,7 @@ case's score is its mean WT/TC/ET Dice, as the test stage's ``test/dice_mean`` a
 Files in ``reports/<study>/`` (``--output``): ``study.md``, ``trials.csv``, ``paired.csv``,
 ``val_vs_test.png``, ``paired_difference.png`` and, for several objectives, the Pareto front
 (a table in ``study.md`` and ``pareto_front.png``); the same files go to the study's MLflow
-parent run (tag ``optuna_parent``) under ``report/``.
+parent run (tag ``optuna_parent``) under ``report/`` (``report/held_out/`` for ``--held-out``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +64,16 @@ STUDY_FILES = (
     "pareto_front.png",
 )
 BASELINE_ATTR = "baseline"  # user attr the sweeper sets on the enqueued config-as-given trial
+
+
+@dataclass
+class HeldOut:
+    """Patients to score the trials on in place of the test stage's (``--held-out``)."""
+
+    folder: Path  # labelled case folders no trial saw
+    tracking_uri: str  # where the trials' checkpoints are
+    cache: Path  # per-run case tables, kept between reports
+    device: str = "auto"
 
 
 # ---------------------------------------------------------------- reading
@@ -137,12 +153,74 @@ def trial_cases(client: MlflowClient, runs: dict[int, list[str]]) -> pd.DataFram
     return cases.groupby(["trial", "case_id"], as_index=False)["dice"].mean()
 
 
+def held_out_cases(
+    study: optuna.Study,
+    runs: dict[int, list[str]],
+    folder: Path,
+    tracking_uri: str,
+    cache: Path,
+    device: str = "auto",
+) -> pd.DataFrame:
+    """Per completed trial and case of ``folder``: the mean WT/TC/ET Dice of the trial's kept
+    checkpoint (averaged over its fold runs), predicted through the inference path volume by
+    volume (``tumorseg.evaluation.test_stage.case_dice``, as the test stage scores). Each run's
+    per-case table is read from, or written to, ``cache/<run_id>.csv``."""
+    from optuna.trial import TrialState
+
+    from tumorseg.data.readers import list_cases
+    from tumorseg.evaluation.test_stage import case_dice
+    from tumorseg.inference.predict import load_for_inference
+    from tumorseg.tracking.registry import checkpoint_from_run
+
+    if not folder.is_dir():
+        raise DataError(f"--held-out {folder}: no such folder")
+    refs = list_cases(folder, labelled=True)
+    if not refs:
+        raise DataError(f"--held-out {folder}: no labelled cases (case folders with a seg file)")
+    complete = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    parts = []
+    for number, run_ids in sorted(runs.items()):
+        if number not in complete:
+            continue
+        for run_id in run_ids:
+            path = cache / f"{run_id}.csv"
+            if path.is_file():
+                table = pd.read_csv(path)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    try:
+                        ckpt = checkpoint_from_run(run_id, tracking_uri, Path(tmp))
+                    except DataError:
+                        continue  # the trial's parent run of its folds: no checkpoint
+                    module = load_for_inference(ckpt, device)
+                    log.info("trial %d: predicting %d held-out cases", number, len(refs))
+                    table = case_dice(module, (ref.load() for ref in refs))
+                cache.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(".csv.partial")
+                table.to_csv(partial, index=False)
+                partial.replace(path)
+            per_case = table.groupby("case_id", as_index=False)["dice"].mean()
+            parts.append(per_case.assign(trial=number, run_id=run_id))
+    if not parts:
+        return pd.DataFrame(columns=["trial", "case_id", "dice"])
+    cases = pd.concat(parts, ignore_index=True)
+    return cases.groupby(["trial", "case_id"], as_index=False)["dice"].mean()
+
+
 # ---------------------------------------------------------------- statistics
 
 
-def trial_table(study: optuna.Study, cases: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial: number, state, objective(s), stderr, baseline, test Dice, params."""
+def dice_column(patients: str) -> str:
+    """The trial table's column of the mean case Dice on ``patients`` (``test``: the test
+    stage's; ``held-out``: ``--held-out``'s): ``test_dice``, ``held_out_dice``."""
+    return patients.replace("-", "_") + "_dice"
+
+
+def trial_table(study: optuna.Study, cases: pd.DataFrame, patients: str = "test") -> pd.DataFrame:
+    """One row per trial: number, state, objective(s), stderr, baseline, mean case Dice on
+    ``patients`` and their count, params."""
     test = cases.groupby("trial")["dice"].agg(["mean", "count"])
+    col = dice_column(patients)
     rows = []
     for t in study.get_trials(deepcopy=False):
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
@@ -153,8 +231,8 @@ def trial_table(study: optuna.Study, cases: pd.DataFrame) -> pd.DataFrame:
         se = se[0] if isinstance(se, list) else se  # several objectives: the first's
         row["stderr"] = np.nan if se is None else se
         row["baseline"] = bool(t.user_attrs.get(BASELINE_ATTR)) or t.number == 0
-        row["test_dice"] = test["mean"].get(t.number, np.nan)
-        row["test_cases"] = int(test["count"].get(t.number, 0))
+        row[col] = test["mean"].get(t.number, np.nan)
+        row[col.replace("_dice", "_cases")] = int(test["count"].get(t.number, 0))
         row |= {f"param.{k}": v for k, v in t.params.items()}
         rows.append(row)
     return pd.DataFrame(rows)
@@ -163,7 +241,7 @@ def trial_table(study: optuna.Study, cases: pd.DataFrame) -> pd.DataFrame:
 def paired_difference(
     cases: pd.DataFrame, best: int, base: int, resamples: int = RESAMPLES, seed: int = SEED
 ) -> dict[str, Any]:
-    """Best − baseline mean case Dice on the test cases both were scored on."""
+    """Best − baseline mean case Dice on the cases both were scored on."""
     wide = cases.pivot(index="case_id", columns="trial", values="dice")
     out: dict[str, Any] = {"best_trial": best, "baseline_trial": base, "n_cases": 0}
     if best not in wide or base not in wide:
@@ -193,17 +271,18 @@ def paired_difference(
     return out
 
 
-def rank_agreement(trials: pd.DataFrame) -> dict[str, Any]:
-    """Spearman's rho between the objective and the mean case-level test Dice, over the
-    completed trials with both."""
+def rank_agreement(trials: pd.DataFrame, patients: str = "test") -> dict[str, Any]:
+    """Spearman's rho between the objective and the mean case-level Dice on ``patients``,
+    over the completed trials with both."""
     from scipy.stats import spearmanr
 
-    done = trials[(trials["state"] == "COMPLETE")].dropna(subset=["objective", "test_dice"])
+    col = dice_column(patients)
+    done = trials[(trials["state"] == "COMPLETE")].dropna(subset=["objective", col])
     out: dict[str, Any] = {"n_trials": len(done)}
-    if len(done) < 3 or done["objective"].nunique() < 2 or done["test_dice"].nunique() < 2:
+    if len(done) < 3 or done["objective"].nunique() < 2 or done[col].nunique() < 2:
         out["note"] = "fewer than 3 completed trials with distinct scores: no rank correlation"
         return out
-    rho, p = spearmanr(done["objective"], done["test_dice"])
+    rho, p = spearmanr(done["objective"], done[col])
     return out | {"rho": float(rho), "p_value": float(p), "note": ""}
 
 
@@ -222,6 +301,7 @@ def study_markdown(
     paired: dict[str, Any],
     ranks: dict[str, Any],
     close: list[int],
+    patients: str = "test",
 ) -> str:
     """The report as Markdown: the verdict, the rank agreement, the noise, every trial."""
     lines = [f"# Study {study.study_name}", ""]
@@ -229,7 +309,7 @@ def study_markdown(
         f"{len(trials)} trials; objective(s) to "
         f"{', '.join(d.name.lower() for d in study.directions)}."
     )
-    lines += ["", "## Best trial against the baseline (test patients, paired by case)", ""]
+    lines += ["", f"## Best trial against the baseline ({patients} patients, paired by case)", ""]
     if paired.get("n_cases"):
         ci = (
             f"95 % CI {_fmt(paired['ci_low'])} to {_fmt(paired['ci_high'])}"
@@ -246,10 +326,14 @@ def study_markdown(
         )
     else:
         lines.append(paired.get("note", "no paired cases"))
-    lines += ["", "## Does the validation objective rank trials as the test patients do?", ""]
+    lines += [
+        "",
+        f"## Does the validation objective rank trials as the {patients} patients do?",
+        "",
+    ]
     if "rho" in ranks:
         lines.append(
-            f"Spearman's rho between the objective and the mean case-level test Dice over "
+            f"Spearman's rho between the objective and the mean case-level {patients} Dice over "
             f"{ranks['n_trials']} completed trials: **{ranks['rho']:.2f}** "
             f"(p {ranks['p_value']:.3g})."
         )
@@ -277,29 +361,34 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def save_val_vs_test(trials: pd.DataFrame, paired: dict[str, Any], path: Path) -> None:
+def save_val_vs_test(
+    trials: pd.DataFrame, paired: dict[str, Any], path: Path, patients: str = "test"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = trials[trials["state"] == "COMPLETE"].dropna(subset=["objective", "test_dice"])
+    col = dice_column(patients)
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=["objective", col])
     fig, ax = plt.subplots(figsize=(5, 4))
     se = done["stderr"].where(np.isfinite(done["stderr"]), 0)
-    ax.errorbar(done["objective"], done["test_dice"], xerr=se, fmt="o", alpha=0.7, label="trial")
+    ax.errorbar(done["objective"], done[col], xerr=se, fmt="o", alpha=0.7, label="trial")
     for key, marker, label in (("baseline_trial", "s", "baseline"), ("best_trial", "*", "best")):
         row = done[done["trial"] == paired.get(key)]
         if not row.empty:
-            ax.scatter(row["objective"], row["test_dice"], marker=marker, s=150, label=label)
+            ax.scatter(row["objective"], row[col], marker=marker, s=150, label=label)
     ax.set_xlabel("validation objective (± standard error)")
-    ax.set_ylabel("mean case-level test Dice")
+    ax.set_ylabel(f"mean case-level {patients} Dice")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def save_paired(cases: pd.DataFrame, paired: dict[str, Any], path: Path) -> None:
+def save_paired(
+    cases: pd.DataFrame, paired: dict[str, Any], path: Path, patients: str = "test"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,7 +401,7 @@ def save_paired(cases: pd.DataFrame, paired: dict[str, Any], path: Path) -> None
     ax.bar(range(len(diff)), diff.to_numpy(), color=np.where(diff > 0, "tab:green", "tab:red"))
     ax.axhline(0, color="black", lw=0.8)
     ax.axhline(diff.mean(), color="tab:blue", ls="--", label=f"mean {diff.mean():+.4f}")
-    ax.set_xlabel("test case (sorted)")
+    ax.set_xlabel(f"{patients} case (sorted)")
     ax.set_ylabel(f"Dice, trial {best} − trial {base}")
     ax.legend()
     fig.tight_layout()
@@ -333,27 +422,40 @@ def save_pareto(study: optuna.Study, path: Path) -> None:
 
 
 def build_study_report(
-    client: MlflowClient, study: optuna.Study, trial: int | None = None
+    client: MlflowClient,
+    study: optuna.Study,
+    trial: int | None = None,
+    held_out: HeldOut | None = None,
 ) -> tuple[dict[str, Callable[[Path], None]], dict[str, Any]]:
-    """Read, compute and return the file writers and the numbers (``paired``, ``ranks``)."""
+    """Read, compute and return the file writers and the numbers (``paired``, ``ranks``,
+    ``within_noise``, ``patients``): on the test stage's cases, or on ``held_out``'s."""
     base = baseline_trial(study)
     best = best_trial(study, trial)
-    cases = trial_cases(client, trial_runs(client, study.study_name))
-    trials = trial_table(study, cases)
+    runs = trial_runs(client, study.study_name)
+    if held_out is None:
+        patients, cases = "test", trial_cases(client, runs)
+    else:
+        patients = "held-out"
+        cases = held_out_cases(
+            study, runs, held_out.folder, held_out.tracking_uri, held_out.cache, held_out.device
+        )
+    trials = trial_table(study, cases, patients)
     close = [t.number for t in within_noise(study)]
     paired = paired_difference(cases, best.number, base.number)
-    ranks = rank_agreement(trials)
+    ranks = rank_agreement(trials, patients)
+    md = study_markdown(study, trials, paired, ranks, close, patients)
     writers: dict[str, Callable[[Path], None]] = {
-        "study.md": lambda p: p.write_text(study_markdown(study, trials, paired, ranks, close)),
+        "study.md": lambda p: p.write_text(md),
         "trials.csv": lambda p: trials.to_csv(p, index=False),
         "paired.csv": lambda p: pd.DataFrame([paired]).to_csv(p, index=False),
-        "val_vs_test.png": lambda p: save_val_vs_test(trials, paired, p),
+        "val_vs_test.png": lambda p: save_val_vs_test(trials, paired, p, patients),
     }
     if paired.get("n_cases"):
-        writers["paired_difference.png"] = lambda p: save_paired(cases, paired, p)
+        writers["paired_difference.png"] = lambda p: save_paired(cases, paired, p, patients)
     if len(study.directions) > 1:
         writers["pareto_front.png"] = lambda p: save_pareto(study, p)
-    return writers, {"paired": paired, "ranks": ranks, "within_noise": close}
+    numbers = {"paired": paired, "ranks": ranks, "within_noise": close, "patients": patients}
+    return writers, numbers
 
 
 def write_study_files(output: Path, writers: dict[str, Callable[[Path], None]]) -> list[Path]:
@@ -361,8 +463,9 @@ def write_study_files(output: Path, writers: dict[str, Callable[[Path], None]]) 
 
 
 def log_to_parent(client: MlflowClient, study: str, paths: list[Path], numbers: dict) -> str:
-    """The report files under ``report/`` of the study's parent run, with its numbers as
-    metrics; returns the parent run's id ("" when the study has none in MLflow)."""
+    """The report files under ``report/`` (held-out patients: ``report/held_out/``) of the
+    study's parent run, with its numbers as metrics; returns the parent run's id ("" when
+    the study has none in MLflow)."""
     for exp in client.search_experiments():
         found = client.search_runs(
             [exp.experiment_id],
@@ -374,16 +477,18 @@ def log_to_parent(client: MlflowClient, study: str, paths: list[Path], numbers: 
         return ""
     run_id = found[0].info.run_id
     paired, ranks = numbers["paired"], numbers["ranks"]
+    # on held-out patients: report/held_out/... beside the test stage's report/...
+    pre = "report/" if numbers.get("patients", "test") == "test" else "report/held_out/"
     metrics = {
-        "report/best_minus_baseline": paired.get("mean_diff"),
-        "report/best_minus_baseline_ci_low": paired.get("ci_low"),
-        "report/best_minus_baseline_ci_high": paired.get("ci_high"),
-        "report/wilcoxon_p": paired.get("p_value"),
-        "report/val_test_spearman": ranks.get("rho"),
+        f"{pre}best_minus_baseline": paired.get("mean_diff"),
+        f"{pre}best_minus_baseline_ci_low": paired.get("ci_low"),
+        f"{pre}best_minus_baseline_ci_high": paired.get("ci_high"),
+        f"{pre}wilcoxon_p": paired.get("p_value"),
+        f"{pre}val_test_spearman": ranks.get("rho"),
     }
     for key, value in metrics.items():
         if value is not None and np.isfinite(value):
             client.log_metric(run_id, key, float(value))
     for path in paths:
-        client.log_artifact(run_id, str(path), "report")
+        client.log_artifact(run_id, str(path), pre.rstrip("/"))
     return run_id
