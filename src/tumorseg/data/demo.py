@@ -711,10 +711,14 @@ def _write_cases(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from tumorseg.core.processes import exit_with_parent
     from tumorseg.data.prepare import start_method
 
     ctx = multiprocessing.get_context(start_method())
-    with ProcessPoolExecutor(min(workers, len(indices)), mp_context=ctx) as pool:
+    n = min(workers, len(indices))
+    with ProcessPoolExecutor(
+        n, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         futures = [pool.submit(_timed_case, output, i, seed, difficulty) for i in indices]
         for done in as_completed(futures):
             yield done.result()

@@ -34,6 +34,7 @@ from tumorseg.core.console import progress_bar
 from tumorseg.core.errors import DataError
 from tumorseg.core.files import folder_lock
 from tumorseg.core.labels import MASK_ORDER
+from tumorseg.core.processes import exit_with_parent
 from tumorseg.data.case import MODALITIES, Case
 from tumorseg.data.preprocess import (
     ORIENTATION,
@@ -223,7 +224,9 @@ def _run_cases(
             on_done(process_case(ref, cases_dir, dtype, crop))
         return
     ctx = multiprocessing.get_context(start_method())
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         pending: set[Future] = set()
         todo = iter(refs)
         try:

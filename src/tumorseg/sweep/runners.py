@@ -41,6 +41,7 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf
 
+from tumorseg.core.processes import exit_with_parent
 from tumorseg.sweep.pool import POOL_ENV, DevicePool, jobs_at_once, pool_devices
 
 log = logging.getLogger(__name__)
@@ -90,21 +91,12 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A job process whose sweeper died stops too, instead of training for no one."""
-    while True:
-        time.sleep(2)
-        if os.getppid() != parent:
-            log.error("sweeper (pid %d) is gone: stopping this job", parent)
-            os._exit(1)
-
-
 def _job_process(payload: str, number: int, overrides: list[str], conn: Connection, threads: int):
     """Run one Hydra job, as the basic launcher would, and send its result back as
     ``(value, error, error_text)`` (plain types: the sweeper makes its :class:`JobResult`)."""
     import cloudpickle
 
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    exit_with_parent(os.getppid(), f"job {number}")  # a job whose sweeper died stops too
     with open(payload, "rb") as f:
         context, config, task, singletons = cloudpickle.load(f)
     torch = __import__("sys").modules.get("torch")  # share the cores between parallel jobs
