@@ -107,7 +107,9 @@ def test_study_report_compares_the_best_trial_with_trial_0_on_test_cases(tmp_pat
     assert trials["test_dice"].notna().sum() == 3
     rho = spearmanr(trials["objective"], trials["test_dice"]).statistic
     assert f"**{rho:.2f}**" in (out / "study.md").read_text()
-    assert {"study.md", "val_vs_test.png"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"study.md", "val_vs_test.png", "optimization_history.png"} <= written
+    assert "parallel_coordinate.png" in written
     text = (out / "study.md").read_text()
     assert "Spearman's rho" in text and f"Trial {best} (best)" in text
     parent = mlflow_runs(tmp_path, "tags.optuna_parent = 'true'")[0]

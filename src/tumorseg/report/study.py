@@ -23,8 +23,9 @@ case's score is its mean WT/TC/ET Dice, as the test stage's ``test/dice_mean`` a
   (``tumorseg.sweep.runs.within_noise``).
 
 Files in ``reports/<study>/`` (``--output``): ``study.md``, ``trials.csv``, ``paired.csv``,
-``val_vs_test.png``, ``paired_difference.png`` and, for several objectives, the Pareto front
-(a table in ``study.md`` and ``pareto_front.png``); the same files go to the study's MLflow
+``val_vs_test.png``, ``paired_difference.png``, Optuna's ``optimization_history.png``,
+``parallel_coordinate.png`` and ``param_importances.png`` or, for several objectives, the Pareto
+front (a table in ``study.md`` and ``pareto_front.png``); the same files go to the study's MLflow
 parent run (tag ``optuna_parent``) under ``report/`` (``report/held_out/`` for ``--held-out``).
 """
 
@@ -62,6 +63,9 @@ STUDY_FILES = (
     "val_vs_test.png",
     "paired_difference.png",
     "pareto_front.png",
+    "optimization_history.png",
+    "parallel_coordinate.png",
+    "param_importances.png",
 )
 BASELINE_ATTR = "baseline"  # user attr the sweeper sets on the enqueued config-as-given trial
 
@@ -133,6 +137,15 @@ def trial_runs(client: MlflowClient, study: str) -> dict[int, list[str]]:
     return found
 
 
+def per_trial(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Runs' per-region case tables (``case_id``, ``dice``, ``trial``) -> per trial and case:
+    the mean Dice over the regions, then over the trial's runs (its folds)."""
+    if not parts:
+        return pd.DataFrame(columns=["trial", "case_id", "dice"])
+    runs = [p.groupby(["trial", "case_id"], as_index=False)["dice"].mean() for p in parts]
+    return pd.concat(runs).groupby(["trial", "case_id"], as_index=False)["dice"].mean()
+
+
 def trial_cases(client: MlflowClient, runs: dict[int, list[str]]) -> pd.DataFrame:
     """Per trial and test case: mean WT/TC/ET Dice (averaged over the trial's fold runs)."""
     parts = []
@@ -145,12 +158,8 @@ def trial_cases(client: MlflowClient, runs: dict[int, list[str]]) -> pd.DataFram
                     cases = run_cases(client, run_id, dst)
                 except (FileNotFoundError, ValueError):
                     continue  # a pruned trial, or a trial parent run of folds
-                per_case = cases.groupby("case_id", as_index=False)["dice"].mean()
-                parts.append(per_case.assign(trial=number, run_id=run_id))
-    if not parts:
-        return pd.DataFrame(columns=["trial", "case_id", "dice"])
-    cases = pd.concat(parts, ignore_index=True)
-    return cases.groupby(["trial", "case_id"], as_index=False)["dice"].mean()
+                parts.append(cases.assign(trial=number))
+    return per_trial(parts)
 
 
 def held_out_cases(
@@ -199,12 +208,8 @@ def held_out_cases(
                 partial = path.with_suffix(".csv.partial")
                 table.to_csv(partial, index=False)
                 partial.replace(path)
-            per_case = table.groupby("case_id", as_index=False)["dice"].mean()
-            parts.append(per_case.assign(trial=number, run_id=run_id))
-    if not parts:
-        return pd.DataFrame(columns=["trial", "case_id", "dice"])
-    cases = pd.concat(parts, ignore_index=True)
-    return cases.groupby(["trial", "case_id"], as_index=False)["dice"].mean()
+            parts.append(table.assign(trial=number))
+    return per_trial(parts)
 
 
 # ---------------------------------------------------------------- statistics
@@ -409,13 +414,12 @@ def save_paired(
     plt.close(fig)
 
 
-def save_pareto(study: optuna.Study, path: Path) -> None:
-    """Optuna's Pareto-front figure (the one the sweep logs to its parent run)."""
+def optuna_plots(study: optuna.Study) -> dict[str, bytes]:
+    """Optuna's figures of the study (``tumorseg.sweep.runs.study_plots``: optimization
+    history, parallel coordinates and param importances, or the Pareto front), as PNG bytes by
+    file name."""
     with tempfile.TemporaryDirectory() as tmp:
-        made = {p.name: p for p in study_plots(study, Path(tmp))}
-        if "pareto_front.png" not in made:
-            raise DataError(f"study {study.study_name!r}: no Pareto front to draw")
-        path.write_bytes(made["pareto_front.png"].read_bytes())
+        return {p.name: p.read_bytes() for p in study_plots(study, Path(tmp))}
 
 
 # ---------------------------------------------------------------- everything
@@ -452,8 +456,8 @@ def build_study_report(
     }
     if paired.get("n_cases"):
         writers["paired_difference.png"] = lambda p: save_paired(cases, paired, p, patients)
-    if len(study.directions) > 1:
-        writers["pareto_front.png"] = lambda p: save_pareto(study, p)
+    for name, png in optuna_plots(study).items():
+        writers[name] = lambda p, png=png: p.write_bytes(png)
     numbers = {"paired": paired, "ranks": ranks, "within_noise": close, "patients": patients}
     return writers, numbers
 
