@@ -196,3 +196,12 @@ def test_study_report_names_a_missing_study(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no study 'nope'" in err and str(tmp_path / "optuna.db") in err
     assert not (tmp_path / "reports").exists()
+
+
+def test_held_out_needs_a_study_and_an_existing_folder(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert report_main(["--experiment", "x", "--held-out", str(tmp_path)]) == 2
+    assert "--held-out needs --study" in capsys.readouterr().err
+    assert report_main(["--study", "s", "--held-out", str(missing)]) == 2
+    assert f"--held-out {missing}: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
