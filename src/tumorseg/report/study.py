@@ -163,24 +163,21 @@ def trial_cases(client: MlflowClient, runs: dict[int, list[str]]) -> pd.DataFram
 
 
 def held_out_cases(
-    study: optuna.Study,
-    runs: dict[int, list[str]],
-    folder: Path,
-    tracking_uri: str,
-    cache: Path,
-    device: str = "auto",
+    study: optuna.Study, runs: dict[int, list[str]], held_out: HeldOut
 ) -> pd.DataFrame:
-    """Per completed trial and case of ``folder``: the mean WT/TC/ET Dice of the trial's kept
-    checkpoint (averaged over its fold runs), predicted through the inference path volume by
-    volume (``tumorseg.evaluation.test_stage.case_dice``, as the test stage scores). Each run's
-    per-case table is read from, or written to, ``cache/<run_id>.csv``."""
+    """Per completed trial and case of ``held_out.folder``: the mean WT/TC/ET Dice of the
+    trial's kept checkpoint (averaged over its fold runs), predicted through the inference path
+    volume by volume (``tumorseg.evaluation.test_stage.case_dice``, as the test stage scores).
+    Each run's per-case table is read from, or written to, ``held_out.cache/<run_id>.csv``."""
     from optuna.trial import TrialState
 
+    from tumorseg.core.files import write_atomically
     from tumorseg.data.readers import list_cases
     from tumorseg.evaluation.test_stage import case_dice
     from tumorseg.inference.predict import load_for_inference
     from tumorseg.tracking.registry import checkpoint_from_run
 
+    folder, cache = held_out.folder, held_out.cache
     if not folder.is_dir():
         raise DataError(f"--held-out {folder}: no such folder")
     refs = list_cases(folder, labelled=True)
@@ -198,16 +195,13 @@ def held_out_cases(
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     try:
-                        ckpt = checkpoint_from_run(run_id, tracking_uri, Path(tmp))
+                        ckpt = checkpoint_from_run(run_id, held_out.tracking_uri, Path(tmp))
                     except DataError:
                         continue  # the trial's parent run of its folds: no checkpoint
-                    module = load_for_inference(ckpt, device)
+                    module = load_for_inference(ckpt, held_out.device)
                     log.info("trial %d: predicting %d held-out cases", number, len(refs))
                     table = case_dice(module, (ref.load() for ref in refs))
-                cache.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(".csv.partial")
-                table.to_csv(partial, index=False)
-                partial.replace(path)
+                write_atomically([(path, lambda p, t=table: t.to_csv(p, index=False))])
             parts.append(table.assign(trial=number))
     return per_trial(parts)
 
@@ -440,9 +434,7 @@ def build_study_report(
         patients, cases = "test", trial_cases(client, runs)
     else:
         patients = "held-out"
-        cases = held_out_cases(
-            study, runs, held_out.folder, held_out.tracking_uri, held_out.cache, held_out.device
-        )
+        cases = held_out_cases(study, runs, held_out)
     trials = trial_table(study, cases, patients)
     close = [t.number for t in within_noise(study)]
     paired = paired_difference(cases, best.number, base.number)
