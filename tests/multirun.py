@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,30 @@ class KillInTrial(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.trial in self.trials:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def meet(folder: Path, jobs: int) -> str:
+    """Override adding :class:`Meet` to a multirun's jobs: each waits for ``jobs`` of them."""
+    target = f"{__name__}.Meet"
+    return f"++callbacks.meet={{_target_:{target},folder:'{folder}',jobs:{jobs}}}"
+
+
+class Meet(L.Callback):
+    """When training starts, leaves a file in ``folder`` and waits until ``jobs`` jobs have left
+    one; raises after ``timeout`` seconds. Jobs run one after the other never meet: the first
+    one raises, so a test that needs them at once fails however the machine's clock falls."""
+
+    def __init__(self, folder: str, jobs: int, timeout: float = 180) -> None:
+        self.folder, self.jobs, self.timeout = Path(folder), int(jobs), float(timeout)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(os.getpid())).touch()
+        deadline = time.monotonic() + self.timeout
+        while len(list(self.folder.iterdir())) < self.jobs:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {self.jobs} jobs at once in {self.timeout:.0f} s")
+            time.sleep(0.1)
 
 
 # ``trainer._target_=`` this: the trainer runs on one CPU process whatever ``devices`` it gets

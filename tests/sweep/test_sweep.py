@@ -16,6 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT, run_train
+from tests.multirun import meet
 from tumorseg.sweep.runs import LIVE_TRIALS, OptunaPruning
 from tumorseg.sweep.space import render, sampled_override, search_space
 from tumorseg.sweep.trials import outcome_of
@@ -236,7 +237,8 @@ def test_two_workers_share_one_study(tmp_path, demo_root):
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i, extra in enumerate([["hydra.sweeper.n_jobs=2"], []])
+        # worker 0's trials wait for each other: its first two train at once, or fail
+        for i, extra in enumerate([["hydra.sweeper.n_jobs=2", meet(tmp_path / "met", 2)], []])
     ]
     for w in workers:
         _, err = w.communicate(timeout=400)
@@ -255,7 +257,4 @@ def test_two_workers_share_one_study(tmp_path, demo_root):
     assert all(r.data.tags["optuna_state"] == "COMPLETE" for r in runs)
     assert all(r.info.status == "FINISHED" for r in runs)
     # worker 0's first two trials trained at the same time, in two processes
-    mine = sorted(
-        (r for r in runs if r.data.tags["sweep"] == "outputs/w0"), key=lambda r: r.info.start_time
-    )
-    assert len(mine) >= 2 and mine[1].info.start_time < mine[0].info.end_time
+    assert len(by_worker["w0"]) >= 2 and len(list((tmp_path / "met").iterdir())) >= 2
