@@ -20,10 +20,10 @@ def test_nested_phases_count_once():
     with phases("train"):
         time.sleep(0.05)
         with phases("logging"):
-            time.sleep(0.1)
+            time.sleep(0.5)
     values = phases.finish()
-    assert values["logging"] == pytest.approx(0.1, abs=0.05)
-    assert values["train"] == pytest.approx(0.05, abs=0.04)  # without the nested 0.1 s
+    assert values["logging"] >= 0.5
+    assert 0.05 <= values["train"] < 0.5  # without the nested 0.5 s
     assert sum(v for k, v in values.items() if k != "total") == pytest.approx(values["total"])
 
 
