@@ -112,6 +112,12 @@ def profile_step(variant: str, size: int, batch: int, steps: int, bf16: bool) ->
     return {"step": step_s, "fwd": fwd, "bwd": bwd, "other": other, "flops": flops}
 
 
+def significant(x: float) -> str:
+    """``x`` to three significant digits, whole from 100 up: a small layer's rate, however slow
+    a loaded machine makes it, never prints as 0."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def report(result: dict, peak: float, mode: str, variant: str, size: int, batch: int) -> str:
     step = result["step"]
     lines = [
@@ -136,7 +142,7 @@ def report(result: dict, peak: float, mode: str, variant: str, size: int, batch:
         rate = work / (f + b) / 1e9 if f + b > 0 else 0.0
         lines.append(
             f"| {name} | {f * 1000:.1f} | {b * 1000:.1f} | {100 * (f + b) / step:.1f} % "
-            f"| {rate:.0f} | {100 * rate / peak:.1f} % |"
+            f"| {significant(rate)} | {significant(100 * rate / peak)} % |"
         )
     convs = sum(result["fwd"].values()) + sum(result["bwd"].values())
     lines += [
