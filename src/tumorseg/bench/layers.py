@@ -28,6 +28,7 @@ from tumorseg.bench.training import (
     make_batch,
     make_net,
     matmul_peak,
+    num,
     timed_calls,
 )
 from tumorseg.core import console
@@ -112,12 +113,6 @@ def profile_step(variant: str, size: int, batch: int, steps: int, bf16: bool) ->
     return {"step": step_s, "fwd": fwd, "bwd": bwd, "other": other, "flops": flops}
 
 
-def significant(x: float) -> str:
-    """``x`` to three significant digits, whole from 100 up: a small layer's rate, however slow
-    a loaded machine makes it, never prints as 0."""
-    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
-
-
 def report(result: dict, peak: float, mode: str, variant: str, size: int, batch: int) -> str:
     step = result["step"]
     lines = [
@@ -142,7 +137,7 @@ def report(result: dict, peak: float, mode: str, variant: str, size: int, batch:
         rate = work / (f + b) / 1e9 if f + b > 0 else 0.0
         lines.append(
             f"| {name} | {f * 1000:.1f} | {b * 1000:.1f} | {100 * (f + b) / step:.1f} % "
-            f"| {significant(rate)} | {significant(100 * rate / peak)} % |"
+            f"| {num(rate)} | {num(100 * rate / peak)} % |"  # a slow small layer: never 0
         )
     convs = sum(result["fwd"].values()) + sum(result["bwd"].values())
     lines += [
